@@ -1,0 +1,170 @@
+//! Tokens: verifying clients' and publishers' JWTs, and minting them for development.
+//!
+//! Invariants: this is the only user of `jsonwebtoken`. The algorithm is pinned by the
+//! configured key (HS256 for a secret; RS256, ES256 or EdDSA by the public key's type), so a
+//! token naming any other algorithm, `none` included, is refused. `exp` is required, `sub` for
+//! subscribers; `iss`/`aud` are checked when configured. Errors never contain the token.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, JwtKey};
+
+/// The claims the gateway reads.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    /// The user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    /// Expiry, seconds since the epoch.
+    pub exp: u64,
+    /// Channels (or `prefix*`) the token may subscribe to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<Vec<String>>,
+    /// Channels (or `prefix*`) the token may publish to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<Vec<String>>,
+    /// Issuer, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// Audience, when configured (minted tokens carry a string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<serde_json::Value>,
+}
+
+/// Verifies tokens with the configured key and rules.
+pub struct Verifier {
+    key: DecodingKey,
+    subscriber: Validation,
+    publisher: Validation,
+}
+
+/// Picks the decoding key and its single algorithm from a PEM public key.
+pub fn decoding_key_for_pem(pem: &[u8]) -> Result<(DecodingKey, Algorithm), String> {
+    if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
+        return Ok((k, Algorithm::RS256));
+    }
+    if let Ok(k) = DecodingKey::from_ec_pem(pem) {
+        return Ok((k, Algorithm::ES256));
+    }
+    if let Ok(k) = DecodingKey::from_ed_pem(pem) {
+        return Ok((k, Algorithm::EdDSA));
+    }
+    Err("not a PEM RSA, EC P-256 or Ed25519 public key".into())
+}
+
+impl Verifier {
+    /// Builds the verifier from validated configuration.
+    pub fn new(config: &Config) -> Result<Self, String> {
+        let (key, alg) = match &config.jwt_key {
+            JwtKey::Secret(s) | JwtKey::Development(s) => {
+                (DecodingKey::from_secret(s), Algorithm::HS256)
+            }
+            JwtKey::PublicKeyPem(pem) => decoding_key_for_pem(pem)?,
+        };
+        let base = |required: &[&str]| {
+            let mut v = Validation::new(alg);
+            v.leeway = config.jwt_leeway.as_secs();
+            v.validate_nbf = true;
+            v.set_required_spec_claims(required);
+            match &config.jwt_issuer {
+                Some(iss) => v.set_issuer(&[iss]),
+                None => v.iss = None,
+            }
+            match &config.jwt_audience {
+                Some(aud) => v.set_audience(&[aud]),
+                None => v.validate_aud = false,
+            }
+            v
+        };
+        Ok(Self {
+            key,
+            subscriber: base(&["exp", "sub"]),
+            publisher: base(&["exp"]),
+        })
+    }
+
+    /// Verifies a subscriber's token.
+    pub fn subscriber(&self, token: &str) -> Result<Claims, String> {
+        let claims = self.verify(token, &self.subscriber)?;
+        match claims.sub.as_deref() {
+            Some(s) if !s.is_empty() => Ok(claims),
+            _ => Err("token has an empty sub claim".into()),
+        }
+    }
+
+    /// Verifies a publisher's token.
+    pub fn publisher(&self, token: &str) -> Result<Claims, String> {
+        self.verify(token, &self.publisher)
+    }
+
+    fn verify(&self, token: &str, validation: &Validation) -> Result<Claims, String> {
+        use jsonwebtoken::errors::ErrorKind;
+        decode::<Claims>(token, &self.key, validation)
+            .map(|d| d.claims)
+            .map_err(|e| {
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => "token has expired",
+                    ErrorKind::ImmatureSignature => "token is not valid yet (nbf)",
+                    ErrorKind::InvalidSignature => "token signature does not verify",
+                    ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                        "token algorithm is not the one this gateway accepts"
+                    }
+                    ErrorKind::InvalidIssuer => "token issuer (iss) is not accepted",
+                    ErrorKind::InvalidAudience => "token audience (aud) is not accepted",
+                    ErrorKind::MissingRequiredClaim(c) if c == "exp" => "token has no exp claim",
+                    ErrorKind::MissingRequiredClaim(c) if c == "sub" => "token has no sub claim",
+                    ErrorKind::Json(_) | ErrorKind::InvalidClaimFormat(_) => {
+                        "token claims have the wrong types"
+                    }
+                    _ => "token is malformed",
+                }
+                .to_string()
+            })
+    }
+}
+
+/// Seconds since the epoch, now.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Signs a token with the configured key, for `sse-gateway token` and development mode.
+pub fn mint(
+    config: &Config,
+    mut claims: Claims,
+    ttl: Duration,
+    private_key_pem: Option<&[u8]>,
+) -> Result<String, String> {
+    claims.exp = now_secs() + ttl.as_secs();
+    if claims.iss.is_none() {
+        claims.iss = config.jwt_issuer.clone();
+    }
+    if claims.aud.is_none() {
+        claims.aud = config.jwt_audience.clone().map(serde_json::Value::String);
+    }
+    let (key, alg) = match (&config.jwt_key, private_key_pem) {
+        (JwtKey::Secret(s) | JwtKey::Development(s), _) => {
+            (EncodingKey::from_secret(s), Algorithm::HS256)
+        }
+        (JwtKey::PublicKeyPem(public), Some(private)) => {
+            let (_, alg) = decoding_key_for_pem(public)?;
+            let key = match alg {
+                Algorithm::RS256 => EncodingKey::from_rsa_pem(private),
+                Algorithm::ES256 => EncodingKey::from_ec_pem(private),
+                _ => EncodingKey::from_ed_pem(private),
+            }
+            .map_err(|e| format!("--private-key-file: {e}"))?;
+            (key, alg)
+        }
+        (JwtKey::PublicKeyPem(_), None) => return Err(
+            "the gateway verifies with a public key; pass the matching --private-key-file to sign"
+                .into(),
+        ),
+    };
+    encode(&Header::new(alg), &claims, &key).map_err(|e| format!("cannot sign the token: {e}"))
+}

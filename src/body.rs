@@ -1,0 +1,55 @@
+//! The response body type shared by every route: a fixed body or a live event stream.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::{Body, Frame, SizeHint};
+
+use crate::sse::stream::SseStream;
+
+/// Either a small complete answer or an SSE stream that ends on its own terms.
+pub enum GatewayBody {
+    /// A complete body (JSON answers, metrics).
+    Full(Full<Bytes>),
+    /// A live event stream.
+    Stream(Box<SseStream>),
+}
+
+impl GatewayBody {
+    /// A complete body from text.
+    pub fn text(s: impl Into<Bytes>) -> Self {
+        GatewayBody::Full(Full::new(s.into()))
+    }
+}
+
+impl Body for GatewayBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            GatewayBody::Full(b) => Pin::new(b).poll_frame(cx),
+            GatewayBody::Stream(s) => Pin::new(s.as_mut()).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            GatewayBody::Full(b) => b.is_end_stream(),
+            GatewayBody::Stream(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            GatewayBody::Full(b) => b.size_hint(),
+            GatewayBody::Stream(_) => SizeHint::default(),
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! Brokers carry events between replicas; the hub carries them to local streams.
+//!
+//! The contract every implementation keeps (and the shared tests check):
+//! - `ensure_subscribed` resolves once events published to those channels from then on reach
+//!   this replica's hub; it fails fast, rather than hanging, while the broker is unreachable.
+//! - `released` is a hint that the hub no longer needs some channels; the broker unsubscribes
+//!   after a short grace, and only if the hub still has no subscriber then.
+//! - Events of one channel arrive in the order they were published; delivery is at most once
+//!   (pub/sub semantics): history, not the broker, makes streams gap-free.
+//! - Every payload goes through [`dispatch`], so the envelope rule, limits and metrics are the
+//!   same whatever path an event took.
+
+pub mod memory;
+pub mod redis;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+
+use crate::event::parse_payload;
+use crate::hub::{Hub, Queued};
+use crate::metrics as m;
+use crate::sse::frame;
+
+/// Why the broker could not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerError(pub String);
+
+impl std::fmt::Display for BrokerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A way of moving events between replicas.
+pub trait Broker: Send + Sync + 'static {
+    /// Makes sure this replica receives these channels' events.
+    fn ensure_subscribed(
+        &self,
+        channels: Vec<String>,
+    ) -> BoxFuture<'static, Result<(), BrokerError>>;
+    /// Tells the broker the hub has no local subscriber left on these channels.
+    fn released(&self, channels: Vec<String>);
+    /// Publishes a payload (already checked by the caller) to every replica.
+    fn publish(
+        &self,
+        channel: String,
+        payload: Bytes,
+    ) -> BoxFuture<'static, Result<(), BrokerError>>;
+    /// Whether the broker is connected and fully subscribed.
+    fn is_ready(&self) -> bool;
+}
+
+/// Turns a publisher's payload into a frame and hands it to the hub: the one hot-path entry.
+pub fn dispatch(hub: &Hub, channel: &str, payload: &[u8], max_event_bytes: usize) {
+    let received = Instant::now();
+    m::hot().received.increment(1);
+    let encoded = parse_payload(payload, max_event_bytes)
+        .map_err(|e| (e.reason(), e.to_string()))
+        .and_then(|event| frame::encode(&event).map_err(|e| ("invalid", e.to_string())));
+    match encoded {
+        Ok(bytes) => {
+            hub.deliver(channel, &Queued { bytes, received });
+        }
+        Err((reason, why)) => {
+            metrics::counter!(m::EVENTS_DROPPED, "reason" => reason).increment(1);
+            tracing::debug!(reason, "event dropped: {why}");
+        }
+    }
+}
+
+/// Builds the broker the configuration asks for.
+pub fn from_config(
+    config: &crate::config::Config,
+    hub: Arc<Hub>,
+) -> Result<Arc<dyn Broker>, String> {
+    match &config.redis_url {
+        None => Ok(Arc::new(memory::MemoryBroker::new(
+            hub,
+            config.max_event_bytes,
+        ))),
+        Some(url) => Ok(Arc::new(redis::RedisBroker::start(url, config, hub)?)),
+    }
+}

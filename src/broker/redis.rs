@@ -1,0 +1,428 @@
+//! The Redis broker: one dedicated pub/sub connection, commands through a pool.
+//!
+//! Invariants:
+//! - One task (the manager) owns the pub/sub connection's sink and the set of channels Redis
+//!   has confirmed; requests queue up while a (UN)SUBSCRIBE is in flight and go out together as
+//!   the next batch, so a thousand clients arriving at once cost a handful of round trips.
+//! - A separate reader task drains the pub/sub stream into the hub and never waits on a client.
+//! - Unsubscribing waits a grace period and re-checks the hub, so a flapping client does not
+//!   churn Redis, and a channel that found a new subscriber meanwhile stays subscribed.
+//! - Any failure (stream ended, command error, or a probe published through the command pool
+//!   that does not come back on the subscription) is an outage: not ready, reconnect with capped
+//!   jittered backoff, resubscribe everything the hub holds in batches, then ready again.
+//! - No catch-all pattern subscription is ever made.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use deadpool_redis::{Pool, Runtime};
+use futures_util::future::{BoxFuture, FutureExt};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::timeout;
+
+use super::{dispatch, Broker, BrokerError};
+use crate::hub::Hub;
+use crate::metrics as m;
+
+/// Channels per SUBSCRIBE or UNSUBSCRIBE command.
+const BATCH: usize = 1000;
+/// How long a channel stays subscribed after its last local subscriber left.
+const UNSUBSCRIBE_GRACE: Duration = Duration::from_secs(2);
+/// Longest wait for one Redis round trip before it counts as an outage.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+enum Request {
+    Subscribe(Vec<String>, oneshot::Sender<Result<(), BrokerError>>),
+    Released(Vec<String>),
+}
+
+/// Multi-replica broker over Redis pub/sub.
+pub struct RedisBroker {
+    requests: mpsc::UnboundedSender<Request>,
+    ready: Arc<AtomicBool>,
+    pool: Pool,
+    prefix: String,
+}
+
+struct Manager {
+    client: redis::Client,
+    pool: Pool,
+    hub: Arc<Hub>,
+    prefix: String,
+    probe_channel: String,
+    probe_every: Duration,
+    max_event_bytes: usize,
+    ready: Arc<AtomicBool>,
+    requests: mpsc::UnboundedReceiver<Request>,
+}
+
+/// Why a connected session ended.
+type Outage = String;
+
+impl RedisBroker {
+    /// Starts the manager; the replica is not ready until the first connection is subscribed.
+    pub fn start(url: &str, config: &crate::config::Config, hub: Arc<Hub>) -> Result<Self, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("SSE_GATEWAY_REDIS_URL: {e}"))?;
+        let mut pool_config = deadpool_redis::Config::from_url(url);
+        pool_config.pool = Some(deadpool_redis::PoolConfig {
+            max_size: 32,
+            timeouts: deadpool_redis::Timeouts {
+                wait: Some(COMMAND_TIMEOUT),
+                create: Some(Duration::from_secs(3)),
+                recycle: Some(Duration::from_secs(3)),
+            },
+            ..Default::default()
+        });
+        let pool = pool_config
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| format!("SSE_GATEWAY_REDIS_URL: cannot build the connection pool: {e}"))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let ready = Arc::new(AtomicBool::new(false));
+        let replica: u64 = rand::random();
+        let manager = Manager {
+            client,
+            pool: pool.clone(),
+            hub,
+            prefix: config.channel_prefix.clone(),
+            probe_channel: format!("{}{{gateway}}:probe:{replica:016x}", config.channel_prefix),
+            probe_every: config.redis_probe,
+            max_event_bytes: config.max_event_bytes,
+            ready: ready.clone(),
+            requests: rx,
+        };
+        metrics::gauge!(m::REDIS_CONNECTED).set(0.0);
+        tokio::spawn(manager.run());
+        Ok(Self {
+            requests: tx,
+            ready,
+            pool,
+            prefix: config.channel_prefix.clone(),
+        })
+    }
+}
+
+impl Broker for RedisBroker {
+    fn ensure_subscribed(
+        &self,
+        channels: Vec<String>,
+    ) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.requests.send(Request::Subscribe(channels, tx));
+        async move {
+            sent.map_err(|_| BrokerError("the Redis broker has stopped".into()))?;
+            rx.await
+                .unwrap_or_else(|_| Err(BrokerError("the Redis broker has stopped".into())))
+        }
+        .boxed()
+    }
+
+    fn released(&self, channels: Vec<String>) {
+        let _ = self.requests.send(Request::Released(channels));
+    }
+
+    fn publish(
+        &self,
+        channel: String,
+        payload: Bytes,
+    ) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let pool = self.pool.clone();
+        let name = format!("{}{}", self.prefix, channel);
+        async move {
+            let work = async {
+                let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+                redis::cmd("PUBLISH")
+                    .arg(&name)
+                    .arg(&payload[..])
+                    .query_async::<i64>(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match timeout(COMMAND_TIMEOUT, work).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(BrokerError(format!("Redis PUBLISH failed: {e}"))),
+                Err(_) => Err(BrokerError("Redis PUBLISH timed out".into())),
+            }
+        }
+        .boxed()
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+impl Manager {
+    async fn run(mut self) {
+        let mut failures: u32 = 0;
+        let mut connected_before = false;
+        loop {
+            match self.connect_and_serve(&mut connected_before).await {
+                Ok(()) => return, // every broker handle is gone: the process is stopping
+                Err(why) => {
+                    self.ready.store(false, Ordering::Release);
+                    metrics::gauge!(m::REDIS_CONNECTED).set(0.0);
+                    failures = failures.saturating_add(1);
+                    let backoff = backoff(failures);
+                    tracing::warn!(
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "Redis pub/sub unavailable: {why}; streams stay open, new ones get 503 until it is back (check SSE_GATEWAY_REDIS_URL and Redis health)"
+                    );
+                    let deadline = tokio::time::Instant::now() + backoff;
+                    // Meanwhile, refuse subscriptions at once instead of letting clients hang.
+                    loop {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(deadline) => break,
+                            req = self.requests.recv() => match req {
+                                None => return,
+                                Some(Request::Subscribe(_, reply)) => {
+                                    let _ = reply.send(Err(BrokerError("Redis is unreachable".into())));
+                                }
+                                Some(Request::Released(_)) => {}
+                            }
+                        }
+                    }
+                }
+            }
+            if self.ready.load(Ordering::Acquire) {
+                failures = 0;
+            }
+        }
+    }
+
+    /// One connected session: returns `Ok` only when the broker is dropped.
+    async fn connect_and_serve(&mut self, connected_before: &mut bool) -> Result<(), Outage> {
+        let pubsub = timeout(COMMAND_TIMEOUT, self.client.get_async_pubsub())
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| format!("connect failed: {e}"))?;
+        let (mut sink, mut stream) = pubsub.split();
+        let probe_seen = Arc::new(AtomicU64::new(0));
+        let (reader_done_tx, mut reader_done) = oneshot::channel::<()>();
+        let reader = {
+            let hub = self.hub.clone();
+            let prefix = self.prefix.clone();
+            let probe_channel = self.probe_channel.clone();
+            let probe_seen = probe_seen.clone();
+            let max = self.max_event_bytes;
+            tokio::spawn(async move {
+                while let Some(msg) = stream.next().await {
+                    let name = msg.get_channel_name();
+                    if name == probe_channel {
+                        if let Ok(seq) = std::str::from_utf8(msg.get_payload_bytes())
+                            .unwrap_or("")
+                            .parse::<u64>()
+                        {
+                            probe_seen.fetch_max(seq, Ordering::AcqRel);
+                        }
+                    } else if let Some(channel) = name.strip_prefix(prefix.as_str()) {
+                        dispatch(&hub, channel, msg.get_payload_bytes(), max);
+                    }
+                }
+                let _ = reader_done_tx.send(());
+            })
+        };
+        let _abort_reader = AbortOnDrop(reader);
+
+        // Resubscribe everything the hub holds, in batches, before reporting ready.
+        let mut subscribed: HashSet<String> = HashSet::new();
+        subscribe(&mut sink, vec![self.probe_channel.clone()]).await?;
+        let wanted = self.hub.channels();
+        for batch in wanted.chunks(BATCH) {
+            let names = batch.iter().map(|c| self.name(c)).collect();
+            subscribe(&mut sink, names).await?;
+            subscribed.extend(batch.iter().cloned());
+        }
+        metrics::gauge!(m::SUBSCRIBED_CHANNELS).set(subscribed.len() as f64);
+        self.ready.store(true, Ordering::Release);
+        metrics::gauge!(m::REDIS_CONNECTED).set(1.0);
+        if *connected_before {
+            metrics::counter!(m::REDIS_RECONNECTS).increment(1);
+            tracing::info!(
+                channels = subscribed.len(),
+                "Redis pub/sub reconnected and resubscribed"
+            );
+        } else {
+            tracing::info!("Redis pub/sub connected");
+        }
+        *connected_before = true;
+
+        let mut pending_unsubscribe: HashMap<String, Instant> = HashMap::new();
+        let mut unsubscribe_tick = tokio::time::interval(UNSUBSCRIBE_GRACE / 2);
+        let mut probe_tick = tokio::time::interval(self.probe_every);
+        let mut probe_sent: u64 = 0;
+        let mut probe_sent_at = Instant::now();
+        loop {
+            tokio::select! {
+                req = self.requests.recv() => {
+                    let Some(first) = req else { return Ok(()) };
+                    let mut batch = vec![first];
+                    while batch.len() < BATCH {
+                        match self.requests.try_recv() {
+                            Ok(r) => batch.push(r),
+                            Err(_) => break,
+                        }
+                    }
+                    self.handle(batch, &mut sink, &mut subscribed, &mut pending_unsubscribe).await?;
+                }
+                _ = unsubscribe_tick.tick() => {
+                    let now = Instant::now();
+                    let due: Vec<String> = pending_unsubscribe
+                        .iter()
+                        .filter(|(_, at)| **at <= now)
+                        .map(|(c, _)| c.clone())
+                        .collect();
+                    let mut gone = Vec::new();
+                    for c in due {
+                        pending_unsubscribe.remove(&c);
+                        if !self.hub.has_channel(&c) && subscribed.remove(&c) {
+                            gone.push(c);
+                        }
+                    }
+                    for batch in gone.chunks(BATCH) {
+                        let names: Vec<String> = batch.iter().map(|c| self.name(c)).collect();
+                        timeout(COMMAND_TIMEOUT, sink.unsubscribe(names))
+                            .await
+                            .map_err(|_| "UNSUBSCRIBE timed out".to_string())?
+                            .map_err(|e| format!("UNSUBSCRIBE failed: {e}"))?;
+                    }
+                    if pending_unsubscribe.is_empty() {
+                        pending_unsubscribe.shrink_to_fit();
+                    }
+                    metrics::gauge!(m::SUBSCRIBED_CHANNELS).set(subscribed.len() as f64);
+                }
+                _ = probe_tick.tick() => {
+                    let seen = probe_seen.load(Ordering::Acquire);
+                    if probe_sent > seen && probe_sent_at.elapsed() >= self.probe_every {
+                        return Err(format!(
+                            "the subscription stopped delivering (probe {probe_sent} not back after {:?})",
+                            probe_sent_at.elapsed()
+                        ));
+                    }
+                    if probe_sent == seen {
+                        probe_sent += 1;
+                        probe_sent_at = Instant::now();
+                        let receivers = self.probe(probe_sent).await?;
+                        if receivers == 0 {
+                            return Err("Redis reports no subscriber on this replica's probe channel".into());
+                        }
+                    }
+                }
+                _ = &mut reader_done => {
+                    return Err("the pub/sub connection closed".into());
+                }
+            }
+        }
+    }
+
+    async fn handle(
+        &self,
+        batch: Vec<Request>,
+        sink: &mut redis::aio::PubSubSink,
+        subscribed: &mut HashSet<String>,
+        pending_unsubscribe: &mut HashMap<String, Instant>,
+    ) -> Result<(), Outage> {
+        let mut replies = Vec::new();
+        let mut wanted: Vec<String> = Vec::new();
+        let mut wanted_set: HashSet<String> = HashSet::new();
+        for req in batch {
+            match req {
+                Request::Subscribe(channels, reply) => {
+                    for c in channels {
+                        pending_unsubscribe.remove(&c);
+                        if !subscribed.contains(&c) && wanted_set.insert(c.clone()) {
+                            wanted.push(c);
+                        }
+                    }
+                    replies.push(reply);
+                }
+                Request::Released(channels) => {
+                    let at = Instant::now() + UNSUBSCRIBE_GRACE;
+                    for c in channels {
+                        if subscribed.contains(&c) {
+                            pending_unsubscribe.insert(c, at);
+                        }
+                    }
+                }
+            }
+        }
+        let result = async {
+            for chunk in wanted.chunks(BATCH) {
+                let names = chunk.iter().map(|c| self.name(c)).collect();
+                subscribe(sink, names).await?;
+                subscribed.extend(chunk.iter().cloned());
+            }
+            Ok::<(), Outage>(())
+        }
+        .await;
+        metrics::gauge!(m::SUBSCRIBED_CHANNELS).set(subscribed.len() as f64);
+        for reply in replies {
+            let _ = reply.send(
+                result
+                    .clone()
+                    .map_err(|e| BrokerError(format!("Redis SUBSCRIBE failed: {e}"))),
+            );
+        }
+        result
+    }
+
+    async fn probe(&self, seq: u64) -> Result<i64, Outage> {
+        let work = async {
+            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            redis::cmd("PUBLISH")
+                .arg(&self.probe_channel)
+                .arg(seq)
+                .query_async::<i64>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        timeout(COMMAND_TIMEOUT, work)
+            .await
+            .map_err(|_| "probe PUBLISH timed out".to_string())?
+            .map_err(|e| format!("probe PUBLISH failed: {e}"))
+    }
+
+    fn name(&self, channel: &str) -> String {
+        format!("{}{}", self.prefix, channel)
+    }
+}
+
+async fn subscribe(sink: &mut redis::aio::PubSubSink, names: Vec<String>) -> Result<(), Outage> {
+    timeout(COMMAND_TIMEOUT, sink.subscribe(names))
+        .await
+        .map_err(|_| "SUBSCRIBE timed out".to_string())?
+        .map_err(|e| format!("SUBSCRIBE failed: {e}"))
+}
+
+fn backoff(failures: u32) -> Duration {
+    let exp = BACKOFF_MIN.saturating_mul(1u32 << failures.min(10).saturating_sub(1));
+    let capped = exp.min(BACKOFF_MAX);
+    // Full jitter in the upper half, so replicas that lost Redis together do not return together.
+    let half = capped / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_grows() {
+        assert!(backoff(1) <= BACKOFF_MIN);
+        assert!(backoff(30) <= BACKOFF_MAX);
+        assert!(backoff(30) >= BACKOFF_MAX / 2);
+    }
+}

@@ -1,0 +1,522 @@
+//! Every setting of the process, parsed once at start-up.
+//!
+//! Invariants: each setting is a flag and an `SSE_GATEWAY_*` environment variable (the flag
+//! wins); `--help` shows every default; `Cli::into_config` is the only place that judges
+//! values, and the rest of the crate reads the typed [`Config`], never the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// The command line: the gateway's settings, plus optional helper subcommands.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sse-gateway",
+    version,
+    about = "Horizontally scaled Server-Sent Events gateway over Redis pub/sub"
+)]
+pub struct Cli {
+    /// Settings shared by the server and the helper subcommands (which need the same key).
+    #[command(flatten)]
+    pub settings: Settings,
+    /// Helper subcommand; none runs the gateway.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Helper subcommands for development and smoke tests.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a signed token made with the configured key.
+    Token(TokenArgs),
+}
+
+/// What `sse-gateway token` puts in the token it prints.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The `sub` claim: the user the token speaks for.
+    #[arg(long)]
+    pub sub: Option<String>,
+    /// A channel (or `prefix*`) the token may subscribe to; repeatable.
+    #[arg(long = "channel")]
+    pub channels: Vec<String>,
+    /// A channel (or `prefix*`) the token may publish to; repeatable. Makes a publisher token.
+    #[arg(long = "publish")]
+    pub publish: Vec<String>,
+    /// How long the token lives, e.g. `90s`, `15m`, `1h`, `7d`.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// PEM private key to sign with when the gateway is configured with a public key.
+    #[arg(long)]
+    pub private_key_file: Option<PathBuf>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines, for terminals.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Raw settings as given on the command line or in the environment.
+#[derive(Debug, Args)]
+pub struct Settings {
+    /// Client port: /events and /publish.
+    #[arg(long, env = "SSE_GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: String,
+    /// Operator port: /metrics, /healthz, /readyz (never TLS).
+    #[arg(long, env = "SSE_GATEWAY_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: String,
+    /// redis:// URL. Unset: single-replica mode with an in-process broker.
+    #[arg(long, env = "SSE_GATEWAY_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis pub/sub channel and key name.
+    #[arg(long, env = "SSE_GATEWAY_CHANNEL_PREFIX", default_value = "sse:")]
+    pub channel_prefix: String,
+    /// HS256 secret for client and publisher tokens.
+    #[arg(long, env = "SSE_GATEWAY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM public key file (RS256, ES256 or EdDSA, chosen by the key type).
+    #[arg(long, env = "SSE_GATEWAY_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Required `iss` claim, checked when set.
+    #[arg(long, env = "SSE_GATEWAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim (string or array in the token), checked when set.
+    #[arg(long, env = "SSE_GATEWAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Clock-skew allowance for `exp`/`nbf`, in seconds.
+    #[arg(long, env = "SSE_GATEWAY_JWT_LEEWAY_SECS", default_value_t = 0)]
+    pub jwt_leeway_secs: u64,
+    /// Concurrent streams per JWT `sub`, across all replicas.
+    #[arg(
+        long,
+        env = "SSE_GATEWAY_MAX_CONNECTIONS_PER_USER",
+        default_value_t = 8
+    )]
+    pub max_connections_per_user: u32,
+    /// Streams on this replica.
+    #[arg(long, env = "SSE_GATEWAY_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: u64,
+    /// A comment line is written after this many seconds without a write.
+    #[arg(long, env = "SSE_GATEWAY_HEARTBEAT_SECS", default_value_t = 15)]
+    pub heartbeat_secs: u64,
+    /// `retry:` hint sent to clients, in milliseconds.
+    #[arg(long, env = "SSE_GATEWAY_RETRY_MS", default_value_t = 3000)]
+    pub retry_ms: u64,
+    /// Events kept per channel for resume (0 = off).
+    #[arg(long, env = "SSE_GATEWAY_HISTORY_SIZE", default_value_t = 1000)]
+    pub history_size: u64,
+    /// How long a channel's history lives after its last event, in seconds.
+    #[arg(long, env = "SSE_GATEWAY_HISTORY_TTL_SECS", default_value_t = 600)]
+    pub history_ttl_secs: u64,
+    /// Graceful shutdown window, in seconds: stream closes are spread over it.
+    #[arg(long, env = "SSE_GATEWAY_DRAIN_SECS", default_value_t = 30)]
+    pub drain_secs: u64,
+    /// How soon a dead replica's per-user slots are freed, in seconds.
+    #[arg(long, env = "SSE_GATEWAY_CONNECTION_LEASE_SECS", default_value_t = 30)]
+    pub connection_lease_secs: u64,
+    /// Largest publisher payload accepted, in bytes.
+    #[arg(long, env = "SSE_GATEWAY_MAX_EVENT_BYTES", default_value_t = 65536)]
+    pub max_event_bytes: usize,
+    /// Origins allowed to open streams from a browser: `*` or a comma-separated list.
+    #[arg(long, env = "SSE_GATEWAY_CORS_ORIGINS")]
+    pub cors_origins: Option<String>,
+    /// PEM certificate chain for TLS on the client port.
+    #[arg(long, env = "SSE_GATEWAY_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key for TLS on the client port.
+    #[arg(long, env = "SSE_GATEWAY_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Frames a stream may have waiting before its client counts as too slow and is cut off.
+    #[arg(long, env = "SSE_GATEWAY_CLIENT_QUEUE", default_value_t = 1024)]
+    pub client_queue: usize,
+    /// Seconds between checks that the Redis subscription still delivers.
+    #[arg(long, env = "SSE_GATEWAY_REDIS_PROBE_SECS", default_value_t = 5)]
+    pub redis_probe_secs: u64,
+    /// Log line format.
+    #[arg(
+        long,
+        env = "SSE_GATEWAY_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// Log filter (tracing's env-filter syntax), e.g. `info` or `sse_gateway=debug`.
+    #[arg(long, env = "SSE_GATEWAY_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// The key tokens are checked with, as configured.
+#[derive(Clone)]
+pub enum JwtKey {
+    /// HS256 shared secret.
+    Secret(Vec<u8>),
+    /// PEM public key; the algorithm follows from its type.
+    PublicKeyPem(Vec<u8>),
+    /// No key configured and no Redis: development mode with a random secret.
+    Development(Vec<u8>),
+}
+
+impl std::fmt::Debug for JwtKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material, whatever the log level.
+        match self {
+            JwtKey::Secret(_) => f.write_str("JwtKey::Secret(..)"),
+            JwtKey::PublicKeyPem(_) => f.write_str("JwtKey::PublicKeyPem(..)"),
+            JwtKey::Development(_) => f.write_str("JwtKey::Development(..)"),
+        }
+    }
+}
+
+/// Which origins may open streams from a browser.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigins {
+    /// Any origin (never with credentials).
+    Any,
+    /// Exactly these origins.
+    List(Vec<String>),
+}
+
+/// Validated settings; what the rest of the crate reads.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Client listen address.
+    pub listen: SocketAddr,
+    /// Admin listen address.
+    pub admin_listen: SocketAddr,
+    /// Redis URL; `None` is single-replica mode.
+    pub redis_url: Option<String>,
+    /// Prefix of Redis names.
+    pub channel_prefix: String,
+    /// Token key.
+    pub jwt_key: JwtKey,
+    /// Required issuer.
+    pub jwt_issuer: Option<String>,
+    /// Required audience.
+    pub jwt_audience: Option<String>,
+    /// Clock-skew allowance.
+    pub jwt_leeway: Duration,
+    /// Per-user stream limit.
+    pub max_connections_per_user: u32,
+    /// Per-replica stream limit.
+    pub max_connections: u64,
+    /// Idle time before a heartbeat comment.
+    pub heartbeat: Duration,
+    /// `retry:` hint in milliseconds.
+    pub retry_ms: u64,
+    /// Events kept per channel.
+    pub history_size: u64,
+    /// History lifetime after the last event.
+    pub history_ttl: Duration,
+    /// Drain window.
+    pub drain: Duration,
+    /// Per-user slot lease.
+    pub connection_lease: Duration,
+    /// Largest accepted payload.
+    pub max_event_bytes: usize,
+    /// Browser origins allowed.
+    pub cors_origins: Option<CorsOrigins>,
+    /// TLS certificate and key files.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Per-stream queue length.
+    pub client_queue: usize,
+    /// Interval of the pub/sub liveness probe.
+    pub redis_probe: Duration,
+}
+
+/// A setting that cannot be used, named the way the operator wrote it.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// Environment variable of the setting.
+    pub setting: &'static str,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid {}: {}", self.setting, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn bad(setting: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        setting,
+        message: message.into(),
+    }
+}
+
+fn parse_addr(setting: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        bad(
+            setting,
+            format!("{value:?} is not an IP:port address (example: 0.0.0.0:8080)"),
+        )
+    })
+}
+
+fn positive(setting: &'static str, value: u64) -> Result<u64, ConfigError> {
+    if value == 0 {
+        Err(bad(setting, "must be at least 1"))
+    } else {
+        Ok(value)
+    }
+}
+
+impl Settings {
+    /// Judges every value and builds the typed configuration.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let listen = parse_addr("SSE_GATEWAY_LISTEN", &self.listen)?;
+        let admin_listen = parse_addr("SSE_GATEWAY_ADMIN_LISTEN", &self.admin_listen)?;
+        if listen == admin_listen && listen.port() != 0 {
+            return Err(bad(
+                "SSE_GATEWAY_ADMIN_LISTEN",
+                format!("{admin_listen} is also the client address; give the admin port its own"),
+            ));
+        }
+        let redis_url = match self.redis_url.filter(|u| !u.trim().is_empty()) {
+            None => None,
+            Some(url) => Some(validate_redis_url(url)?),
+        };
+        if self.channel_prefix.is_empty()
+            || self
+                .channel_prefix
+                .bytes()
+                .any(|b| !(b'!'..=b'~').contains(&b))
+        {
+            return Err(bad(
+                "SSE_GATEWAY_CHANNEL_PREFIX",
+                "must be 1 or more printable ASCII characters without spaces (default sse:)",
+            ));
+        }
+        let jwt_key = match (self.jwt_secret, self.jwt_public_key_file) {
+            (Some(_), Some(_)) => return Err(bad(
+                "SSE_GATEWAY_JWT_SECRET",
+                "both SSE_GATEWAY_JWT_SECRET and SSE_GATEWAY_JWT_PUBLIC_KEY_FILE are set; keep one",
+            )),
+            (Some(secret), None) => {
+                if secret.len() < 16 {
+                    return Err(bad(
+                        "SSE_GATEWAY_JWT_SECRET",
+                        "is shorter than 16 bytes; use a long random secret (e.g. openssl rand -hex 32)",
+                    ));
+                }
+                JwtKey::Secret(secret.into_bytes())
+            }
+            (None, Some(path)) => {
+                let pem = std::fs::read(&path).map_err(|e| {
+                    bad(
+                        "SSE_GATEWAY_JWT_PUBLIC_KEY_FILE",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                crate::auth::decoding_key_for_pem(&pem).map_err(|e| {
+                    bad(
+                        "SSE_GATEWAY_JWT_PUBLIC_KEY_FILE",
+                        format!("{}: {e}", path.display()),
+                    )
+                })?;
+                JwtKey::PublicKeyPem(pem)
+            }
+            (None, None) => {
+                if redis_url.is_some() {
+                    return Err(bad(
+                        "SSE_GATEWAY_JWT_SECRET",
+                        "no token key is set and SSE_GATEWAY_REDIS_URL is; replicas need a shared key: \
+                         set SSE_GATEWAY_JWT_SECRET or SSE_GATEWAY_JWT_PUBLIC_KEY_FILE",
+                    ));
+                }
+                JwtKey::Development(random_secret())
+            }
+        };
+        let heartbeat = positive("SSE_GATEWAY_HEARTBEAT_SECS", self.heartbeat_secs)?;
+        let max_connections = positive("SSE_GATEWAY_MAX_CONNECTIONS", self.max_connections)?;
+        let per_user = positive(
+            "SSE_GATEWAY_MAX_CONNECTIONS_PER_USER",
+            u64::from(self.max_connections_per_user),
+        )?;
+        let lease = positive(
+            "SSE_GATEWAY_CONNECTION_LEASE_SECS",
+            self.connection_lease_secs,
+        )?;
+        let probe = positive("SSE_GATEWAY_REDIS_PROBE_SECS", self.redis_probe_secs)?;
+        if self.max_event_bytes < 16 || self.max_event_bytes > 64 * 1024 * 1024 {
+            return Err(bad(
+                "SSE_GATEWAY_MAX_EVENT_BYTES",
+                "must be between 16 and 67108864 bytes",
+            ));
+        }
+        if self.client_queue < 8 || self.client_queue > 1_000_000 {
+            return Err(bad(
+                "SSE_GATEWAY_CLIENT_QUEUE",
+                "must be between 8 and 1000000 frames",
+            ));
+        }
+        let cors_origins = match self.cors_origins.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some("*") => Some(CorsOrigins::Any),
+            Some(list) => {
+                let origins: Vec<String> = list
+                    .split(',')
+                    .map(|o| o.trim().trim_end_matches('/').to_string())
+                    .filter(|o| !o.is_empty())
+                    .collect();
+                if let Some(o) = origins
+                    .iter()
+                    .find(|o| !(o.starts_with("http://") || o.starts_with("https://")))
+                {
+                    return Err(bad(
+                        "SSE_GATEWAY_CORS_ORIGINS",
+                        format!("{o:?} is not an origin like https://app.example.com (or use *)"),
+                    ));
+                }
+                Some(CorsOrigins::List(origins))
+            }
+        };
+        let tls = match (self.tls_cert_file, self.tls_key_file) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some((c, k)),
+            (Some(_), None) => {
+                return Err(bad(
+                    "SSE_GATEWAY_TLS_KEY_FILE",
+                    "SSE_GATEWAY_TLS_CERT_FILE is set without a key file; set both or neither",
+                ))
+            }
+            (None, Some(_)) => return Err(bad(
+                "SSE_GATEWAY_TLS_CERT_FILE",
+                "SSE_GATEWAY_TLS_KEY_FILE is set without a certificate file; set both or neither",
+            )),
+        };
+        if tls.is_some() {
+            return Err(bad(
+                "SSE_GATEWAY_TLS_CERT_FILE",
+                "TLS on the client port is not available in this build; terminate TLS at the load balancer",
+            ));
+        }
+        Ok(Config {
+            listen,
+            admin_listen,
+            redis_url,
+            channel_prefix: self.channel_prefix,
+            jwt_key,
+            jwt_issuer: self.jwt_issuer.filter(|s| !s.is_empty()),
+            jwt_audience: self.jwt_audience.filter(|s| !s.is_empty()),
+            jwt_leeway: Duration::from_secs(self.jwt_leeway_secs),
+            max_connections_per_user: per_user as u32,
+            max_connections,
+            heartbeat: Duration::from_secs(heartbeat),
+            retry_ms: self.retry_ms,
+            history_size: self.history_size,
+            history_ttl: Duration::from_secs(positive(
+                "SSE_GATEWAY_HISTORY_TTL_SECS",
+                self.history_ttl_secs,
+            )?),
+            drain: Duration::from_secs(self.drain_secs),
+            connection_lease: Duration::from_secs(lease),
+            max_event_bytes: self.max_event_bytes,
+            cors_origins,
+            tls,
+            client_queue: self.client_queue,
+            redis_probe: Duration::from_secs(probe),
+        })
+    }
+}
+
+fn validate_redis_url(url: String) -> Result<String, ConfigError> {
+    const SETTING: &str = "SSE_GATEWAY_REDIS_URL";
+    if url.starts_with("rediss://") {
+        return Err(bad(
+            SETTING,
+            "rediss:// (TLS to Redis) is not available in this build; use redis:// on a trusted network",
+        ));
+    }
+    if !url.starts_with("redis://") {
+        return Err(bad(
+            SETTING,
+            "must start with redis:// (example: redis://127.0.0.1:6379/0)",
+        ));
+    }
+    // Parse it the way the driver will, so a typo fails here rather than at the first connect.
+    redis::Client::open(url.as_str())
+        .map_err(|e| bad(SETTING, format!("cannot be parsed: {e}")))?;
+    Ok(url)
+}
+
+fn random_secret() -> Vec<u8> {
+    use rand::RngCore;
+    let mut key = vec![0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    key
+}
+
+impl Config {
+    /// Whether this replica runs in single-replica mode (no Redis).
+    pub fn single_replica(&self) -> bool {
+        self.redis_url.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(args: &[&str]) -> Settings {
+        let mut full = vec!["sse-gateway"];
+        full.extend_from_slice(args);
+        Cli::try_parse_from(full).expect("parses").settings
+    }
+
+    #[test]
+    fn defaults_give_development_mode() {
+        let c = settings(&[]).into_config().expect("valid");
+        assert!(matches!(c.jwt_key, JwtKey::Development(_)));
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.heartbeat, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn redis_without_key_is_refused() {
+        let e = settings(&["--redis-url", "redis://127.0.0.1:1"])
+            .into_config()
+            .unwrap_err();
+        assert_eq!(e.setting, "SSE_GATEWAY_JWT_SECRET");
+    }
+
+    #[test]
+    fn both_keys_are_refused() {
+        let e = settings(&[
+            "--jwt-secret",
+            "0123456789abcdef0123",
+            "--jwt-public-key-file",
+            "/nonexistent",
+        ])
+        .into_config()
+        .unwrap_err();
+        assert!(e.to_string().contains("both"));
+    }
+
+    #[test]
+    fn bad_values_name_their_setting() {
+        let e = settings(&["--listen", "nope"]).into_config().unwrap_err();
+        assert_eq!(e.setting, "SSE_GATEWAY_LISTEN");
+        let e = settings(&["--heartbeat-secs", "0"])
+            .into_config()
+            .unwrap_err();
+        assert_eq!(e.setting, "SSE_GATEWAY_HEARTBEAT_SECS");
+        let e = settings(&["--redis-url", "http://x"])
+            .into_config()
+            .unwrap_err();
+        assert_eq!(e.setting, "SSE_GATEWAY_REDIS_URL");
+        let e = settings(&["--cors-origins", "example.com"])
+            .into_config()
+            .unwrap_err();
+        assert_eq!(e.setting, "SSE_GATEWAY_CORS_ORIGINS");
+    }
+}

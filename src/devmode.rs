@@ -1,0 +1,60 @@
+//! Development mode: no key and no Redis. The gateway makes a random key and prints, on stdout
+//! on purpose, commands that work as pasted: one that streams and one that publishes.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::auth::{mint, Claims};
+use crate::config::Config;
+
+/// Channel the printed commands use.
+pub const DEMO_CHANNEL: &str = "demo";
+
+fn reachable(addr: SocketAddr) -> String {
+    let ip = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else if addr.is_ipv6() {
+        format!("[{}]", addr.ip())
+    } else {
+        addr.ip().to_string()
+    };
+    format!("http://{ip}:{}", addr.port())
+}
+
+/// The text printed at start-up in development mode.
+pub fn instructions(config: &Config, client: SocketAddr) -> Result<String, String> {
+    let ttl = Duration::from_secs(24 * 3600);
+    let subscriber = mint(
+        config,
+        Claims {
+            sub: Some("dev".into()),
+            channels: Some(vec![format!("{DEMO_CHANNEL}*")]),
+            ..Claims::default()
+        },
+        ttl,
+        None,
+    )?;
+    let publisher = mint(
+        config,
+        Claims {
+            sub: Some("dev-publisher".into()),
+            publish: Some(vec!["*".into()]),
+            ..Claims::default()
+        },
+        ttl,
+        None,
+    )?;
+    let base = reachable(client);
+    Ok(format!(
+        "\n\
+         sse-gateway is in DEVELOPMENT MODE: tokens are signed with a random key that dies with this process.\n\
+         Set SSE_GATEWAY_JWT_SECRET (or SSE_GATEWAY_JWT_PUBLIC_KEY_FILE) for anything else.\n\
+         \n\
+         Stream events (leave it running):\n\
+         curl -N -H 'Authorization: Bearer {subscriber}' '{base}/events?channel={DEMO_CHANNEL}'\n\
+         \n\
+         Publish one (in another terminal):\n\
+         curl -X POST -H 'Authorization: Bearer {publisher}' -H 'Content-Type: application/json' -d '{{\"channel\":\"{DEMO_CHANNEL}\",\"event\":\"greeting\",\"data\":\"hello\"}}' '{base}/publish'\n\
+         \n"
+    ))
+}

@@ -1,0 +1,99 @@
+//! sse-gateway: a horizontally scaled Server-Sent Events gateway over Redis pub/sub.
+//!
+//! # The message flow is the architecture
+//!
+//! ```text
+//! Redis  ->  broker/redis.rs  ->  broker::dispatch -> hub.rs  ->  sse/stream.rs  ->  hyper  ->  socket
+//! client ->  server.rs -> router.rs -> sse/mod.rs (auth, limits, subscribe) -> sse/stream.rs
+//! POST /publish -> publish.rs -> broker (Redis PUBLISH, or memory) -> the first line, on every replica
+//! ```
+//!
+//! An event is parsed once (`event.rs`, the envelope rule), encoded once (`sse/frame.rs`) into
+//! `Bytes`, and every local subscriber gets a clone of those bytes through its bounded queue.
+//!
+//! # Module map
+//! - `config`: every setting (flag + env), validated once.
+//! - `auth`: JWT verification and minting; `channel`: names and grants.
+//! - `server`: accept loops; `router`: method + path; `request`: query and token extraction.
+//! - `sse`: `GET /events` (`mod`), the body state machine (`stream`), the encoder (`frame`).
+//! - `publish`: `POST /publish`; `event`: payload -> event.
+//! - `hub`: local fan-out; `broker`: cross-replica transport (memory, Redis).
+//! - `shutdown`: the drain; `metrics`: names and exporter; `error`: refusals -> HTTP.
+//! - `devmode`: what a plain start prints.
+
+pub mod auth;
+pub mod body;
+pub mod broker;
+pub mod channel;
+pub mod config;
+pub mod devmode;
+pub mod error;
+pub mod event;
+pub mod hub;
+pub mod metrics;
+pub mod publish;
+pub mod request;
+pub mod router;
+pub mod server;
+pub mod shutdown;
+pub mod sse;
+pub mod state;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, JwtKey};
+use crate::state::AppState;
+
+/// Runs a replica until `shutdown` completes, then drains and returns.
+pub async fn run(
+    config: Config,
+    exporter: Option<metrics::Exporter>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let client = TcpListener::bind(config.listen).await.map_err(|e| {
+        format!(
+            "SSE_GATEWAY_LISTEN: cannot listen on {}: {e}",
+            config.listen
+        )
+    })?;
+    let admin = TcpListener::bind(config.admin_listen).await.map_err(|e| {
+        format!(
+            "SSE_GATEWAY_ADMIN_LISTEN: cannot listen on {}: {e}",
+            config.admin_listen
+        )
+    })?;
+    let client_addr = client.local_addr().map_err(|e| e.to_string())?;
+    let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
+
+    let hub = Arc::new(hub::Hub::new());
+    let verifier = auth::Verifier::new(&config)?;
+    let broker = broker::from_config(&config, hub.clone())?;
+    if config.single_replica() {
+        tracing::warn!("SSE_GATEWAY_REDIS_URL is unset: single-replica mode with an in-process broker; do not run more than one replica like this");
+    }
+    if let JwtKey::Development(_) = config.jwt_key {
+        tracing::warn!("DEVELOPMENT MODE: no SSE_GATEWAY_JWT_SECRET or SSE_GATEWAY_JWT_PUBLIC_KEY_FILE; tokens are signed with a random key");
+        print!("{}", devmode::instructions(&config, client_addr)?);
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
+    let state = Arc::new(AppState::new(config, hub, broker, verifier));
+    let stop = CancellationToken::new();
+    tokio::spawn(server::serve_client(client, state.clone(), stop.clone()));
+    tokio::spawn(server::serve_admin(
+        admin,
+        state.clone(),
+        exporter,
+        stop.clone(),
+    ));
+    tracing::info!(client = %client_addr, admin = %admin_addr, "listening");
+
+    shutdown.await;
+    shutdown::drain(&state).await;
+    stop.cancel();
+    Ok(())
+}

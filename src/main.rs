@@ -1,0 +1,133 @@
+//! The `sse-gateway` binary: parse settings, set up logs and metrics, run until a signal.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use sse_gateway::auth::{mint, Claims};
+use sse_gateway::config::{Cli, Command, Config, LogFormat, TokenArgs};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let log_format = cli.settings.log_format;
+    let log_filter = cli.settings.log.clone();
+    let config = match cli.settings.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sse-gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(Command::Token(args)) = cli.command {
+        return token(&config, args);
+    }
+    if let Err(e) = init_logs(log_format, &log_filter) {
+        eprintln!("sse-gateway: invalid SSE_GATEWAY_LOG: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sse-gateway: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let exporter = match sse_gateway::metrics::Exporter::install() {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("sse-gateway: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        exporter.spawn_upkeep();
+        match sse_gateway::run(config, Some(exporter), signals()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("sse-gateway: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn token(config: &Config, args: TokenArgs) -> ExitCode {
+    if matches!(config.jwt_key, sse_gateway::config::JwtKey::Development(_)) {
+        eprintln!("sse-gateway token: no key is configured; set SSE_GATEWAY_JWT_SECRET or SSE_GATEWAY_JWT_PUBLIC_KEY_FILE");
+        return ExitCode::from(2);
+    }
+    if args.sub.is_none() && args.publish.is_empty() {
+        eprintln!(
+            "sse-gateway token: give --sub for a client token, or --publish for a publisher token"
+        );
+        return ExitCode::from(2);
+    }
+    let private = match &args.private_key_file {
+        Some(p) => match std::fs::read(p) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!(
+                    "sse-gateway token: cannot read --private-key-file {}: {e}",
+                    p.display()
+                );
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    let claims = Claims {
+        sub: args.sub,
+        channels: (!args.channels.is_empty()).then_some(args.channels),
+        publish: (!args.publish.is_empty()).then_some(args.publish),
+        ..Claims::default()
+    };
+    match mint(config, claims, args.ttl, private.as_deref()) {
+        Ok(t) => {
+            println!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sse-gateway token: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logs(format: LogFormat, filter: &str) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
+    }
+    .map_err(|e| e.to_string())
+}
+
+/// Completes on the first SIGTERM or SIGINT; a second one exits at once.
+async fn signals() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; the gateway will only stop when killed");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("shutdown signal received; a second signal exits at once");
+    tokio::spawn(async move {
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::warn!("second signal: exiting without finishing the drain");
+        std::process::exit(1);
+    });
+}

@@ -1,0 +1,76 @@
+//! Method + path -> handler, for the client port and the admin port.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Body;
+use tokio_util::sync::CancellationToken;
+
+use crate::body::GatewayBody;
+use crate::error::ApiError;
+use crate::metrics::Exporter;
+use crate::state::AppState;
+
+/// Routes a request on the client port.
+pub async fn client<B>(
+    state: Arc<AppState>,
+    req: Request<B>,
+    connection: CancellationToken,
+) -> Response<GatewayBody>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match (req.uri().path(), req.method()) {
+        ("/events", &Method::GET) => crate::sse::events(&state, req, connection).await,
+        ("/events", _) => ApiError::MethodNotAllowed("GET").into_response(),
+        ("/publish", &Method::POST) => crate::publish::publish(&state, req).await,
+        ("/publish", _) => ApiError::MethodNotAllowed("POST").into_response(),
+        _ => ApiError::NotFound.into_response(),
+    }
+}
+
+/// Routes a request on the admin port.
+pub fn admin<B>(
+    state: &AppState,
+    exporter: Option<&Exporter>,
+    req: &Request<B>,
+) -> Response<GatewayBody> {
+    let plain = |status: StatusCode, body: String, content_type: &'static str| {
+        let mut r = Response::new(GatewayBody::text(body));
+        *r.status_mut() = status;
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        r
+    };
+    match (req.uri().path(), req.method()) {
+        ("/healthz", &Method::GET) => plain(StatusCode::OK, "ok\n".into(), "text/plain"),
+        ("/readyz", &Method::GET) => {
+            if state.is_ready() {
+                plain(StatusCode::OK, "ready\n".into(), "text/plain")
+            } else if state.is_draining() {
+                plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "draining\n".into(),
+                    "text/plain",
+                )
+            } else {
+                plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "broker not connected\n".into(),
+                    "text/plain",
+                )
+            }
+        }
+        ("/metrics", &Method::GET) => plain(
+            StatusCode::OK,
+            exporter.map(Exporter::render).unwrap_or_default(),
+            "text/plain; version=0.0.4",
+        ),
+        ("/healthz" | "/readyz" | "/metrics", _) => {
+            ApiError::MethodNotAllowed("GET").into_response()
+        }
+        _ => ApiError::NotFound.into_response(),
+    }
+}

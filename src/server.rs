@@ -1,0 +1,129 @@
+//! Accept loops for the client and admin ports.
+//!
+//! Invariants: an accept error (EMFILE, ENOBUFS, …) never ends the loop or spins it: the loop
+//! backs off and retries while open streams keep being served. Every connection runs in its own
+//! task under a span carrying its id, and can be cancelled as a whole (the slow-consumer cut).
+//! HTTP/1.1 buffers are bounded, and header reads time out, so no client grows memory at will.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::metrics::Exporter;
+use crate::router;
+use crate::state::AppState;
+
+/// Largest HTTP/1.1 read or write buffer per connection (also bounds request headers).
+const MAX_BUF: usize = 64 * 1024;
+/// Time a client has to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn builder(heartbeat: Duration) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_BUF)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(heartbeat))
+        .keep_alive_timeout(heartbeat.max(Duration::from_secs(5)));
+    b
+}
+
+/// Accepts with backoff on errors; `None` once `stop` is cancelled.
+async fn accept(
+    listener: &TcpListener,
+    stop: &CancellationToken,
+    port: &'static str,
+) -> Option<(TcpStream, std::net::SocketAddr)> {
+    let mut delay = Duration::from_millis(10);
+    let mut last_log: Option<Instant> = None;
+    loop {
+        let result = tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = listener.accept() => r,
+        };
+        match result {
+            Ok(pair) => return Some(pair),
+            Err(e) => {
+                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                    tracing::warn!(
+                        port,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "accept failed: {e}; open streams are unaffected (if this is 'Too many open files', raise the fd limit or lower SSE_GATEWAY_MAX_CONNECTIONS)"
+                    );
+                    last_log = Some(Instant::now());
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Serves `/events` and `/publish` until `stop` is cancelled.
+pub async fn serve_client(listener: TcpListener, state: Arc<AppState>, stop: CancellationToken) {
+    let builder = builder(state.config.heartbeat);
+    let ids = AtomicU64::new(1);
+    while let Some((stream, remote)) = accept(&listener, &stop, "client").await {
+        let _ = stream.set_nodelay(true);
+        let id = ids.fetch_add(1, Ordering::Relaxed);
+        let state = state.clone();
+        let builder = builder.clone();
+        let span = tracing::info_span!("conn", id, remote = %remote);
+        tokio::spawn(
+            async move {
+                let cancel = CancellationToken::new();
+                let token = cancel.clone();
+                let service = service_fn(move |req| {
+                    let state = state.clone();
+                    let token = token.clone();
+                    async move { Ok::<_, Infallible>(router::client(state, req, token).await) }
+                });
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    r = conn => if let Err(e) = r {
+                        tracing::debug!("connection ended: {e}");
+                    },
+                    _ = cancel.cancelled() => tracing::debug!("connection cut by the gateway"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `stop` is cancelled.
+pub async fn serve_admin(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    exporter: Option<Exporter>,
+    stop: CancellationToken,
+) {
+    let builder = builder(Duration::from_secs(30));
+    while let Some((stream, _)) = accept(&listener, &stop, "admin").await {
+        let state = state.clone();
+        let exporter = exporter.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let response = router::admin(&state, exporter.as_ref(), &req);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,178 @@
+//! `GET /events`: from request to live stream.
+//!
+//! Order of checks (each refusal is final and counted once): draining -> replica capacity ->
+//! token -> channels (syntax, count, grants) -> broker readiness -> subscribe (the hub first,
+//! then the broker confirms) -> 200 with the prelude written at once.
+
+pub mod frame;
+pub mod stream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::now_secs;
+use crate::body::GatewayBody;
+use crate::channel::{self, MAX_CHANNELS_PER_STREAM};
+use crate::error::ApiError;
+use crate::hub::Subscriber;
+use crate::metrics as m;
+use crate::request::{bearer_token, query_pairs};
+use crate::state::AppState;
+use stream::{SseStream, StreamGuard};
+
+/// Longest wait for the broker to confirm a subscription before the client gets 503.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Handles `GET /events`; `connection` cancels the HTTP connection the stream rides on.
+pub async fn events<B>(
+    state: &Arc<AppState>,
+    req: Request<B>,
+    connection: CancellationToken,
+) -> Response<GatewayBody> {
+    match open(state, req, connection).await {
+        Ok(response) => {
+            metrics::counter!(m::CONNECTIONS_OPENED).increment(1);
+            response
+        }
+        Err(e) => {
+            metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => e.code()).increment(1);
+            tracing::debug!(reason = e.code(), "stream refused: {e:?}");
+            e.into_response()
+        }
+    }
+}
+
+async fn open<B>(
+    state: &Arc<AppState>,
+    req: Request<B>,
+    connection: CancellationToken,
+) -> Result<Response<GatewayBody>, ApiError> {
+    let config = &state.config;
+    if state.is_draining() {
+        return Err(ApiError::Draining);
+    }
+    if state.hub.stream_count() as u64 >= config.max_connections {
+        return Err(ApiError::Capacity);
+    }
+    let query = query_pairs(req.uri());
+    let token = bearer_token(req.headers(), &query).ok_or_else(|| {
+        ApiError::Unauthorized(
+            "no token: send Authorization: Bearer <JWT> or ?access_token=<JWT>".into(),
+        )
+    })?;
+    let claims = state
+        .verifier
+        .subscriber(token)
+        .map_err(ApiError::Unauthorized)?;
+    let sub = claims.sub.clone().unwrap_or_default();
+
+    let mut channels: Vec<String> = Vec::new();
+    let mut asked = 0usize;
+    for (k, v) in &query {
+        if k != "channel" {
+            continue;
+        }
+        asked += 1;
+        if asked > MAX_CHANNELS_PER_STREAM {
+            return Err(ApiError::BadRequest(format!(
+                "too many channels: at most {MAX_CHANNELS_PER_STREAM} per stream"
+            )));
+        }
+        channel::validate_name(v).map_err(ApiError::BadRequest)?;
+        if !channels.contains(v) {
+            channels.push(v.clone());
+        }
+    }
+    let personal = channel::personal_channel(&sub);
+    if channels.is_empty() {
+        channel::validate_name(&personal).map_err(|why| {
+            ApiError::BadRequest(format!(
+                "no channel given and the personal channel of this sub is not a valid name ({why}); pass ?channel="
+            ))
+        })?;
+        channels.push(personal.clone());
+    }
+    let grants = claims.channels.as_deref().unwrap_or(&[]);
+    if let Some(refused) = channels
+        .iter()
+        .find(|c| **c != personal && !channel::granted(grants, c))
+    {
+        return Err(ApiError::Forbidden(format!(
+            "the token does not grant channel {refused:?}"
+        )));
+    }
+    if !state.broker.is_ready() {
+        return Err(ApiError::Unavailable(
+            "the broker (Redis) is unreachable, so this replica cannot deliver events; retry"
+                .into(),
+        ));
+    }
+
+    let (subscriber, rx) = Subscriber::new(state.next_stream_id(), config.client_queue, connection);
+    let (guard, _first) = StreamGuard::subscribe(
+        subscriber,
+        channels,
+        state.hub.clone(),
+        state.broker.clone(),
+    );
+    // Ask for every channel of the stream, not only the new ones: a channel another stream
+    // just added may not be confirmed yet, and the broker answers at once for confirmed ones.
+    match tokio::time::timeout(
+        SUBSCRIBE_TIMEOUT,
+        state.broker.ensure_subscribed(guard.channels().to_vec()),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(ApiError::Unavailable(format!("{e}; retry"))),
+        Err(_) => {
+            return Err(ApiError::Unavailable(
+                "the broker did not confirm the subscription in time; retry".into(),
+            ))
+        }
+    }
+
+    let expires_at = {
+        let deadline = claims.exp.saturating_add(config.jwt_leeway.as_secs());
+        let left = deadline.saturating_sub(now_secs());
+        Some(tokio::time::Instant::now() + Duration::from_secs(left.min(10 * 365 * 86_400)))
+    };
+    let mut prelude = bytes::BytesMut::from(&frame::prelude(config.retry_ms)[..]);
+    if has_last_event_id(&req, &query) {
+        // No history is kept yet, so no position can be resumed from: say so honestly.
+        prelude.extend_from_slice(&frame::control(
+            "gateway.gap",
+            "{\"reason\":\"history_unavailable\"}",
+        ));
+    }
+    tracing::debug!(
+        stream = guard.sub.id,
+        channels = guard.channels().len(),
+        "stream opened"
+    );
+    let body = SseStream::new(
+        guard,
+        rx,
+        prelude.freeze(),
+        config.heartbeat,
+        expires_at,
+        config.retry_ms,
+    );
+    let mut response = Response::new(GatewayBody::Stream(Box::new(body)));
+    *response.status_mut() = StatusCode::OK;
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+fn has_last_event_id<B>(req: &Request<B>, query: &[(String, String)]) -> bool {
+    req.headers().contains_key("last-event-id") || query.iter().any(|(k, _)| k == "last_event_id")
+}

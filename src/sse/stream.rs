@@ -1,0 +1,224 @@
+//! The body of one SSE response: queue, heartbeat, token expiry and drain in one small state
+//! machine polled by hyper.
+//!
+//! Invariants:
+//! - One timer per stream serves the heartbeat and the token expiry; it is re-armed only when it
+//!   fires, never on every write.
+//! - Frames already waiting are written together (one buffer, one write) up to a bound.
+//! - The [`StreamGuard`] owns the stream's place in the hub: however the body ends — finished,
+//!   dropped by hyper on a client reset, or its connection cancelled — its drop removes the
+//!   subscriptions, tells the broker which channels emptied, and counts the close once.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use hyper::body::{Body, Frame};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
+
+use crate::broker::Broker;
+use crate::hub::{CloseReason, Hub, Queued, Subscriber};
+use crate::metrics as m;
+use crate::sse::frame;
+
+/// Most frames written in one go.
+const MAX_BATCH: usize = 64;
+
+/// Owns a stream's subscriptions; releasing them is its drop.
+pub struct StreamGuard {
+    /// The hub's handle on the stream.
+    pub sub: Arc<Subscriber>,
+    channels: Vec<String>,
+    hub: Arc<Hub>,
+    broker: Arc<dyn Broker>,
+}
+
+impl StreamGuard {
+    /// Registers the stream in the hub; returns the guard and the channels that are new here.
+    pub fn subscribe(
+        sub: Arc<Subscriber>,
+        channels: Vec<String>,
+        hub: Arc<Hub>,
+        broker: Arc<dyn Broker>,
+    ) -> (Self, Vec<String>) {
+        let first = hub.subscribe(&sub, &channels);
+        metrics::gauge!(m::CONNECTIONS).increment(1.0);
+        (
+            Self {
+                sub,
+                channels,
+                hub,
+                broker,
+            },
+            first,
+        )
+    }
+
+    /// The stream's channels.
+    pub fn channels(&self) -> &[String] {
+        &self.channels
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let emptied = self.hub.unsubscribe(self.sub.id, &self.channels);
+        if !emptied.is_empty() {
+            self.broker.released(emptied);
+        }
+        metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+        let reason = self.sub.close_reason();
+        metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => reason.label()).increment(1);
+        tracing::debug!(
+            stream = self.sub.id,
+            reason = reason.label(),
+            "stream closed"
+        );
+    }
+}
+
+/// A live SSE response body.
+pub struct SseStream {
+    pending: Option<Bytes>,
+    rx: mpsc::Receiver<Queued>,
+    timer: Pin<Box<Sleep>>,
+    heartbeat: Duration,
+    last_write: Instant,
+    expires_at: Option<Instant>,
+    retry_ms: u64,
+    done: bool,
+    guard: StreamGuard,
+}
+
+impl SseStream {
+    /// A stream that first writes `prelude`, then events from `rx`.
+    pub fn new(
+        guard: StreamGuard,
+        rx: mpsc::Receiver<Queued>,
+        prelude: Bytes,
+        heartbeat: Duration,
+        expires_at: Option<Instant>,
+        retry_ms: u64,
+    ) -> Self {
+        let now = Instant::now();
+        let first_deadline = next_deadline(now + heartbeat, expires_at);
+        Self {
+            pending: Some(prelude),
+            rx,
+            timer: Box::pin(tokio::time::sleep_until(first_deadline)),
+            heartbeat,
+            last_write: now,
+            expires_at,
+            retry_ms,
+            done: false,
+            guard,
+        }
+    }
+
+    fn finish(
+        &mut self,
+        reason: CloseReason,
+        last: Bytes,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.done = true;
+        self.guard.sub.set_close_reason(reason);
+        Poll::Ready(Some(Ok(Frame::data(last))))
+    }
+
+    fn batch(&mut self, first: Queued) -> Bytes {
+        let hot = m::hot();
+        hot.latency.record(first.received.elapsed().as_secs_f64());
+        let Ok(second) = self.rx.try_recv() else {
+            hot.delivered.increment(1);
+            return first.bytes;
+        };
+        let mut buf = BytesMut::with_capacity((first.bytes.len() + second.bytes.len()) * 2);
+        buf.extend_from_slice(&first.bytes);
+        buf.extend_from_slice(&second.bytes);
+        let mut count = 2;
+        while count < MAX_BATCH {
+            match self.rx.try_recv() {
+                Ok(next) => {
+                    buf.extend_from_slice(&next.bytes);
+                    count += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        hot.delivered.increment(count as u64);
+        buf.freeze()
+    }
+}
+
+fn next_deadline(heartbeat_at: Instant, expires_at: Option<Instant>) -> Instant {
+    match expires_at {
+        Some(e) if e < heartbeat_at => e,
+        _ => heartbeat_at,
+    }
+}
+
+impl Body for SseStream {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if let Some(bytes) = this.pending.take() {
+            return Poll::Ready(Some(Ok(Frame::data(bytes))));
+        }
+        if this.done {
+            return Poll::Ready(None);
+        }
+        this.guard.sub.register_waker(cx.waker());
+        if this.guard.sub.shutdown_requested() {
+            let mut goodbye = BytesMut::new();
+            goodbye.extend_from_slice(format!("retry: {}\n", this.retry_ms).as_bytes());
+            goodbye.extend_from_slice(&frame::control(
+                "gateway.shutdown",
+                &format!("{{\"reason\":\"shutdown\",\"retry_ms\":{}}}", this.retry_ms),
+            ));
+            return this.finish(CloseReason::Shutdown, goodbye.freeze());
+        }
+        match this.rx.poll_recv(cx) {
+            Poll::Ready(Some(first)) => {
+                let bytes = this.batch(first);
+                this.last_write = Instant::now();
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            }
+            // The hub holds the sender until the guard drops, so this is a defensive end.
+            Poll::Ready(None) => {
+                this.done = true;
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {}
+        }
+        loop {
+            if this.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            if this.expires_at.is_some_and(|e| now >= e) {
+                let last =
+                    frame::control("gateway.token-expired", "{\"reason\":\"token_expired\"}");
+                return this.finish(CloseReason::TokenExpired, last);
+            }
+            let heartbeat_at = this.last_write + this.heartbeat;
+            if now >= heartbeat_at {
+                this.last_write = now;
+                let next = next_deadline(now + this.heartbeat, this.expires_at);
+                this.timer.as_mut().reset(next);
+                return Poll::Ready(Some(Ok(Frame::data(frame::HEARTBEAT))));
+            }
+            let next = next_deadline(heartbeat_at, this.expires_at);
+            this.timer.as_mut().reset(next);
+        }
+    }
+}

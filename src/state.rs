@@ -1,0 +1,57 @@
+//! What every request handler shares: configuration, hub, broker, verifier, drain flag.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::auth::Verifier;
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::hub::Hub;
+
+/// The replica's shared state.
+pub struct AppState {
+    /// Validated settings.
+    pub config: Config,
+    /// Local fan-out.
+    pub hub: Arc<Hub>,
+    /// Cross-replica transport.
+    pub broker: Arc<dyn Broker>,
+    /// Token checks.
+    pub verifier: Verifier,
+    draining: AtomicBool,
+    next_stream: AtomicU64,
+}
+
+impl AppState {
+    /// Bundles the parts.
+    pub fn new(config: Config, hub: Arc<Hub>, broker: Arc<dyn Broker>, verifier: Verifier) -> Self {
+        Self {
+            config,
+            hub,
+            broker,
+            verifier,
+            draining: AtomicBool::new(false),
+            next_stream: AtomicU64::new(1),
+        }
+    }
+
+    /// Whether the replica is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Starts the drain: readiness off, new streams refused.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether the load balancer should send new clients here.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.broker.is_ready()
+    }
+
+    /// A fresh stream id.
+    pub fn next_stream_id(&self) -> u64 {
+        self.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+}
