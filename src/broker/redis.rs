@@ -31,7 +31,7 @@ use crate::metrics as m;
 /// Channels per SUBSCRIBE or UNSUBSCRIBE command.
 const BATCH: usize = 1000;
 /// How long a channel stays subscribed after its last local subscriber left.
-const UNSUBSCRIBE_GRACE: Duration = Duration::from_secs(2);
+const UNSUBSCRIBE_GRACE: Duration = Duration::from_secs(1);
 /// Longest wait for one Redis round trip before it counts as an outage.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -253,7 +253,7 @@ impl Manager {
         *connected_before = true;
 
         let mut pending_unsubscribe: HashMap<String, Instant> = HashMap::new();
-        let mut unsubscribe_tick = tokio::time::interval(UNSUBSCRIBE_GRACE / 2);
+        let mut unsubscribe_tick = tokio::time::interval(UNSUBSCRIBE_GRACE / 4);
         let mut probe_tick = tokio::time::interval(self.probe_every);
         let mut probe_sent: u64 = 0;
         let mut probe_sent_at = Instant::now();
