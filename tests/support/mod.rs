@@ -83,6 +83,15 @@ impl Redis {
         }
     }
 
+    /// Sends a signal (`STOP`, `CONT`, …) to the server process.
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args([&format!("-{sig}"), &c.id().to_string()])
+                .status();
+        }
+    }
+
     /// Starts again on the same port, empty.
     pub fn restart(&mut self) {
         self.kill();
