@@ -153,12 +153,13 @@ impl Subscriber {
 }
 
 type Shard<V> = Mutex<HashMap<Arc<str>, V>>;
+type StreamShard = Mutex<HashMap<u64, Arc<Subscriber>>>;
 
 /// Channel -> local subscribers, plus the registry of open streams.
 pub struct Hub {
     hasher: RandomState,
     channels: Box<[Shard<Vec<Arc<Subscriber>>>]>,
-    streams: Box<[Mutex<HashMap<u64, Arc<Subscriber>>>]>,
+    streams: Box<[StreamShard]>,
     channel_count: AtomicUsize,
     stream_count: AtomicUsize,
 }
@@ -191,7 +192,7 @@ impl Hub {
         &self.channels[(self.hasher.hash_one(channel) as usize) % SHARDS]
     }
 
-    fn stream_shard(&self, id: u64) -> &Mutex<HashMap<u64, Arc<Subscriber>>> {
+    fn stream_shard(&self, id: u64) -> &StreamShard {
         &self.streams[(id as usize) % SHARDS]
     }
 

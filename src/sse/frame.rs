@@ -180,7 +180,7 @@ mod tests {
                     prop_assert_eq!(text.matches('\n').count(), 4);
                     prop_assert!(!text.contains('\r'));
                 }
-                Err(_) => prop_assert!(single_line(&name) == false || single_line(&id) == false),
+                Err(_) => prop_assert!(!single_line(&name) || !single_line(&id)),
             }
         }
     }
