@@ -26,6 +26,7 @@ pub mod body;
 pub mod broker;
 pub mod channel;
 pub mod config;
+pub mod cors;
 pub mod devmode;
 pub mod error;
 pub mod event;

@@ -8,6 +8,7 @@ use hyper::body::Body;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::GatewayBody;
+use crate::cors;
 use crate::error::ApiError;
 use crate::metrics::Exporter;
 use crate::state::AppState;
@@ -22,13 +23,28 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    match (req.uri().path(), req.method()) {
-        ("/events", &Method::GET) => crate::sse::events(&state, req, connection).await,
-        ("/events", _) => ApiError::MethodNotAllowed("GET").into_response(),
-        ("/publish", &Method::POST) => crate::publish::publish(&state, req).await,
-        ("/publish", _) => ApiError::MethodNotAllowed("POST").into_response(),
-        _ => ApiError::NotFound.into_response(),
+    let cors_config = state.config.cors_origins.as_ref();
+    let path_method = match req.uri().path() {
+        "/events" => Some("GET"),
+        "/publish" => Some("POST"),
+        _ => None,
+    };
+    let Some(allowed) = path_method else {
+        return ApiError::NotFound.into_response();
+    };
+    if req.method() == Method::OPTIONS {
+        return cors::preflight(cors_config, req.headers(), allowed);
     }
+    if req.method().as_str() != allowed {
+        return ApiError::MethodNotAllowed(allowed).into_response();
+    }
+    let grant = cors::grant(cors_config, req.headers());
+    let mut response = match allowed {
+        "GET" => crate::sse::events(&state, req, connection).await,
+        _ => crate::publish::publish(&state, req).await,
+    };
+    cors::apply(cors_config, grant, &mut response);
+    response
 }
 
 /// Routes a request on the admin port.

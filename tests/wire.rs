@@ -210,3 +210,91 @@ async fn unknown_paths_and_methods_answer_json() {
     );
     assert_eq!(gw.readyz().await, 200);
 }
+
+#[tokio::test]
+async fn cors_allows_listed_origins_only() {
+    let gw = Gateway::start(&[(
+        "SSE_GATEWAY_CORS_ORIGINS",
+        "https://app.example, https://admin.example",
+    )]);
+    let tok = client_token("alice", &["c"]);
+    let auth = format!("Bearer {tok}");
+    let c = SseClient::open_with(
+        gw.client,
+        "/events?channel=c",
+        &[("Authorization", &auth), ("Origin", "https://app.example")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        c.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert_eq!(c.header("access-control-allow-credentials"), Some("true"));
+    assert_eq!(c.header("vary"), Some("Origin"));
+    let c = SseClient::open_with(
+        gw.client,
+        "/events?channel=c",
+        &[("Authorization", &auth), ("Origin", "https://evil.example")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.header("access-control-allow-origin"), None);
+
+    let pre = |origin: &'static str, method: &'static str| {
+        let addr = gw.client;
+        async move {
+            http(
+                addr,
+                "OPTIONS",
+                "/publish",
+                &[
+                    ("Origin", origin),
+                    ("Access-Control-Request-Method", method),
+                ],
+                b"",
+            )
+            .await
+        }
+    };
+    let r = pre("https://admin.example", "POST").await;
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://admin.example")
+    );
+    assert!(r
+        .header("access-control-allow-headers")
+        .unwrap()
+        .contains("authorization"));
+    assert_eq!(pre("https://evil.example", "POST").await.status, 403);
+    assert_eq!(pre("https://admin.example", "DELETE").await.status, 403);
+
+    // "*": any origin, never with credentials.
+    let any = Gateway::start(&[("SSE_GATEWAY_CORS_ORIGINS", "*")]);
+    let c = SseClient::open_with(
+        any.client,
+        "/events?channel=c",
+        &[("Authorization", &auth), ("Origin", "https://x.example")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.header("access-control-allow-origin"), Some("*"));
+    assert_eq!(c.header("access-control-allow-credentials"), None);
+    // No setting: no CORS headers, and OPTIONS is not a method here.
+    let none = Gateway::start(&[]);
+    let c = SseClient::open_with(
+        none.client,
+        "/events?channel=c",
+        &[("Authorization", &auth), ("Origin", "https://x.example")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.header("access-control-allow-origin"), None);
+    assert_eq!(
+        http(none.client, "OPTIONS", "/events", &[], b"")
+            .await
+            .status,
+        405
+    );
+}

@@ -1,0 +1,80 @@
+//! Cleartext HTTP/2 with prior knowledge: many streams over one connection, each its own
+//! subscription, and a reset stream freed at once.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::*;
+
+const T: Duration = Duration::from_secs(5);
+
+async fn read_until(body: &mut Incoming, buf: &mut Vec<u8>, needle: &[u8]) -> bool {
+    let deadline = tokio::time::Instant::now() + T;
+    while !buf.windows(needle.len()).any(|w| w == needle) {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    buf.extend_from_slice(data);
+                }
+            }
+            _ => return false,
+        }
+    }
+    true
+}
+
+#[tokio::test]
+async fn many_streams_share_one_http2_connection() {
+    let gw = Gateway::start(&[]);
+    let tcp = tokio::net::TcpStream::connect(gw.client).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake with prior knowledge");
+    tokio::spawn(conn);
+    let tok = client_token("alice", &["h2"]);
+    let mut bodies = Vec::new();
+    for _ in 0..50 {
+        let req = hyper::Request::get(format!("http://{}/events?channel=h2", gw.client))
+            .header("authorization", format!("Bearer {tok}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.expect("stream");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), hyper::Version::HTTP_2);
+        bodies.push((resp.into_body(), Vec::new()));
+    }
+    assert_eq!(gw.metric("sse_gateway_connections").await, 50.0);
+    let r = gw
+        .publish(
+            &publisher_token(),
+            &serde_json::json!({"channel": "h2", "data": "to-all"}),
+        )
+        .await;
+    assert_eq!(r.status, 202);
+    for (body, buf) in &mut bodies {
+        assert!(read_until(body, buf, b"data: to-all\n\n").await);
+    }
+    // Resetting one stream (dropping its body) frees it at once; the others stay.
+    bodies.truncate(49);
+    let deadline = Instant::now() + T;
+    while gw.metric("sse_gateway_connections").await != 49.0 {
+        assert!(Instant::now() < deadline, "reset stream not released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = gw
+        .publish(
+            &publisher_token(),
+            &serde_json::json!({"channel": "h2", "data": "again"}),
+        )
+        .await;
+    assert_eq!(r.status, 202);
+    for (body, buf) in &mut bodies {
+        assert!(read_until(body, buf, b"data: again\n\n").await);
+    }
+}
