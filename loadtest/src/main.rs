@@ -1,0 +1,404 @@
+//! `sse-loadtest`: opens many SSE streams against one or more gateway replicas and reports
+//! what an SRE sizes a deployment by.
+//!
+//! - `idle`: N streams that only receive heartbeats; reports each replica's RSS growth per stream
+//!   (from its `/metrics`).
+//! - `broadcast`: N streams on one channel spread over the replicas; publishes through Redis at a
+//!   fixed rate and reports publish-to-receive latency percentiles. Each payload carries its
+//!   intended send time, so a stalled publisher cannot hide latency (no coordinated omission).
+//!
+//! One process holds at most ~19,500 streams (the open-file limit): run several processes and
+//! spread them over source addresses with `--source-ips`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+
+#[derive(Parser)]
+#[command(name = "sse-loadtest", about = "Load generator for sse-gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Hold N idle streams and report memory per stream on each replica.
+    Idle {
+        #[command(flatten)]
+        common: Common,
+        /// Seconds to hold the streams after they are all open.
+        #[arg(long, default_value_t = 5)]
+        hold_secs: u64,
+    },
+    /// N streams on one channel; publish through Redis; report delivery latency.
+    Broadcast {
+        #[command(flatten)]
+        common: Common,
+        /// Redis the replicas use.
+        #[arg(long, default_value = "redis://127.0.0.1:6379")]
+        redis_url: String,
+        /// Channel prefix of the replicas.
+        #[arg(long, default_value = "sse:")]
+        prefix: String,
+        /// Events to publish.
+        #[arg(long, default_value_t = 200)]
+        events: u64,
+        /// Events per second.
+        #[arg(long, default_value_t = 20)]
+        rate: u64,
+    },
+}
+
+#[derive(Args)]
+struct Common {
+    /// Client addresses of the replicas (streams are spread round-robin).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:8080")]
+    targets: Vec<SocketAddr>,
+    /// Admin addresses of the replicas, to read their memory from /metrics.
+    #[arg(long, value_delimiter = ',')]
+    admins: Vec<SocketAddr>,
+    /// HS256 secret of the replicas, to mint tokens.
+    #[arg(long, env = "SSE_GATEWAY_JWT_SECRET", hide_env_values = true)]
+    secret: String,
+    /// Streams to open.
+    #[arg(long, default_value_t = 1000)]
+    streams: usize,
+    /// Channel the streams subscribe to.
+    #[arg(long, default_value = "load")]
+    channel: String,
+    /// Local addresses to connect from, round-robin (e.g. 127.0.0.2,127.0.0.3).
+    #[arg(long, value_delimiter = ',')]
+    source_ips: Vec<IpAddr>,
+    /// Connection attempts in flight at once.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
+}
+
+fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn mint(secret: &str, sub: &str, channel: &str) -> String {
+    let claims = serde_json::json!({
+        "sub": sub,
+        "exp": unix_nanos() / 1_000_000_000 + 86_400,
+        "channels": [channel],
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("HS256 signing cannot fail")
+}
+
+async fn connect(target: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    match source {
+        None => TcpStream::connect(target).await,
+        Some(ip) => {
+            let socket = if ip.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(target).await
+        }
+    }
+}
+
+/// An open stream, past its response head.
+struct Stream {
+    tcp: TcpStream,
+    /// Bytes read past the head (start of the chunked body).
+    rest: Vec<u8>,
+}
+
+async fn open(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    token: &str,
+    channel: &str,
+) -> Result<Stream, String> {
+    let mut tcp = connect(target, source)
+        .await
+        .map_err(|e| format!("connect {target}: {e}"))?;
+    let req = format!(
+        "GET /events?channel={channel} HTTP/1.1\r\nHost: {target}\r\nAuthorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed before the response head".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            if !head.starts_with("HTTP/1.1 200") {
+                return Err(head.lines().next().unwrap_or("").to_string());
+            }
+            return Ok(Stream {
+                tcp,
+                rest: buf[end + 4..].to_vec(),
+            });
+        }
+    }
+}
+
+/// Decodes chunked transfer coding and turns each `data: <send time>` line into a latency.
+struct Decoder {
+    raw: Vec<u8>,
+    body: Vec<u8>,
+}
+
+impl Decoder {
+    fn feed(&mut self, bytes: &[u8], latencies_us: &mut Vec<u64>) {
+        self.raw.extend_from_slice(bytes);
+        loop {
+            let Some(eol) = self.raw.windows(2).position(|w| w == b"\r\n") else {
+                break;
+            };
+            let size = std::str::from_utf8(&self.raw[..eol])
+                .ok()
+                .and_then(|s| usize::from_str_radix(s.trim(), 16).ok())
+                .unwrap_or(0);
+            if self.raw.len() < eol + 2 + size + 2 {
+                break;
+            }
+            self.body
+                .extend_from_slice(&self.raw[eol + 2..eol + 2 + size]);
+            self.raw.drain(..eol + 2 + size + 2);
+        }
+        let mut consumed = 0;
+        while let Some(nl) = self.body[consumed..].iter().position(|&b| b == b'\n') {
+            let line = &self.body[consumed..consumed + nl];
+            if let Some(sent) = line
+                .strip_prefix(b"data: ")
+                .and_then(|d| std::str::from_utf8(d).ok())
+                .and_then(|t| t.parse::<u64>().ok())
+            {
+                latencies_us.push(unix_nanos().saturating_sub(sent) / 1000);
+            }
+            consumed += nl + 1;
+        }
+        self.body.drain(..consumed);
+    }
+}
+
+/// Opens `n` streams spread over targets and sources; returns them (failures are counted).
+async fn open_all(common: &Common) -> Vec<(usize, Stream)> {
+    let limit = Arc::new(Semaphore::new(common.connect_concurrency.max(1)));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(common.streams);
+    for i in 0..common.streams {
+        let target = common.targets[i % common.targets.len()];
+        let source =
+            (!common.source_ips.is_empty()).then(|| common.source_ips[i % common.source_ips.len()]);
+        let token = mint(&common.secret, &format!("load-{i}"), &common.channel);
+        let channel = common.channel.clone();
+        let limit = limit.clone();
+        let failures = failures.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = limit.acquire().await.ok()?;
+            match open(target, source, &token, &channel).await {
+                Ok(s) => Some((i % 1_000_000, s)),
+                Err(e) => {
+                    if failures.fetch_add(1, Ordering::Relaxed) < 5 {
+                        eprintln!("stream {i}: {e}");
+                    }
+                    None
+                }
+            }
+        }));
+    }
+    let mut streams = Vec::with_capacity(common.streams);
+    for t in tasks {
+        if let Ok(Some(s)) = t.await {
+            streams.push(s);
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "opened {} of {} streams in {secs:.1}s ({:.0}/s), {} failed",
+        streams.len(),
+        common.streams,
+        streams.len() as f64 / secs.max(0.001),
+        failures.load(Ordering::Relaxed)
+    );
+    streams
+}
+
+async fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
+    let mut tcp = TcpStream::connect(admin).await.ok()?;
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).await.ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+async fn rss_all(admins: &[SocketAddr]) -> Vec<f64> {
+    let mut out = Vec::new();
+    for a in admins {
+        out.push(
+            metric(*a, "process_resident_memory_bytes")
+                .await
+                .unwrap_or(f64::NAN),
+        );
+    }
+    out
+}
+
+async fn idle(common: Common, hold: Duration) {
+    let before = rss_all(&common.admins).await;
+    let streams = open_all(&common).await;
+    let readers: Vec<_> = streams
+        .into_iter()
+        .map(|(_, mut s)| {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 512];
+                while let Ok(n) = s.tcp.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    let open = readers.len();
+    tokio::time::sleep(hold).await;
+    let after = rss_all(&common.admins).await;
+    for (i, admin) in common.admins.iter().enumerate() {
+        let conns = metric(*admin, "sse_gateway_connections")
+            .await
+            .unwrap_or(0.0);
+        let delta = after[i] - before[i];
+        println!(
+            "replica {admin}: {conns:.0} streams, RSS {:.1} MiB -> {:.1} MiB, {:.2} KiB per stream",
+            before[i] / 1048576.0,
+            after[i] / 1048576.0,
+            if conns > 0.0 {
+                delta / conns / 1024.0
+            } else {
+                f64::NAN
+            }
+        );
+    }
+    println!("held {open} idle streams for {}s", hold.as_secs());
+    for r in readers {
+        r.abort();
+    }
+}
+
+async fn broadcast(common: Common, redis_url: String, prefix: String, events: u64, rate: u64) {
+    let streams = open_all(&common).await;
+    let n = streams.len() as u64;
+    let deadline_after_last = Duration::from_secs(10);
+    let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
+    let total_time = interval * events as u32 + deadline_after_last;
+    let readers: Vec<_> = streams
+        .into_iter()
+        .map(|(_, mut s)| {
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(events as usize);
+                let mut decoder = Decoder {
+                    raw: Vec::new(),
+                    body: Vec::new(),
+                };
+                let rest = std::mem::take(&mut s.rest);
+                decoder.feed(&rest, &mut latencies);
+                let mut buf = vec![0u8; 16 * 1024];
+                let end = tokio::time::Instant::now() + total_time;
+                while (latencies.len() as u64) < events {
+                    match tokio::time::timeout_at(end, s.tcp.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => decoder.feed(&buf[..n], &mut latencies),
+                        _ => break,
+                    }
+                }
+                latencies
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = redis::Client::open(redis_url.as_str()).expect("--redis-url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis");
+    let channel = format!("{prefix}{}", common.channel);
+    let start = tokio::time::Instant::now();
+    let start_unix = unix_nanos();
+    for i in 0..events {
+        let offset = interval * i as u32;
+        // The timer wheel ticks per millisecond: sleep to just before the slot, then yield until
+        // it, so timer rounding does not count as gateway latency.
+        let due = start + offset;
+        tokio::time::sleep_until(due - Duration::from_millis(2).min(offset)).await;
+        while tokio::time::Instant::now() < due {
+            tokio::task::yield_now().await;
+        }
+        // The intended send time, not the actual one: a late publisher shows up as latency.
+        let intended = start_unix + offset.as_nanos() as u64;
+        let _: Result<i64, _> = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(intended.to_string())
+            .query_async(&mut conn)
+            .await;
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut received = 0u64;
+    for r in readers {
+        if let Ok(lat) = r.await {
+            received += lat.len() as u64;
+            for l in lat {
+                let _ = hist.record(l.max(1));
+            }
+        }
+    }
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "broadcast: {n} streams x {events} events at {rate}/s: received {received} of {} ({:.3}%)",
+        n * events,
+        100.0 * received as f64 / (n * events).max(1) as f64
+    );
+    println!(
+        "latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        ms(0.999),
+        hist.max() as f64 / 1000.0
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    match Cli::parse().command {
+        Scenario::Idle { common, hold_secs } => idle(common, Duration::from_secs(hold_secs)).await,
+        Scenario::Broadcast {
+            common,
+            redis_url,
+            prefix,
+            events,
+            rate,
+        } => broadcast(common, redis_url, prefix, events, rate).await,
+    }
+}
