@@ -298,3 +298,54 @@ async fn cors_allows_listed_origins_only() {
         405
     );
 }
+
+#[tokio::test]
+async fn an_expiring_token_ends_its_stream_with_a_control_event() {
+    let gw = Gateway::start(&[]);
+    let exp = now() + 2;
+    let tok = token(json!({"sub": "alice", "exp": exp, "channels": ["e"]}));
+    let mut c = SseClient::open(gw.client, "/events?channel=e", Some(&tok))
+        .await
+        .unwrap();
+    let ev = c
+        .next_event(Duration::from_secs(5))
+        .await
+        .expect("control event");
+    assert_eq!(ev.event.as_deref(), Some("gateway.token-expired"));
+    assert!(now() >= exp, "closed before exp");
+    assert!(c.wait_closed(Duration::from_secs(2)).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        gw.metric("sse_gateway_connections_closed_total{reason=\"token_expired\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn last_event_id_without_history_is_an_honest_gap() {
+    let gw = Gateway::start(&[]);
+    let tok = client_token("alice", &["g"]);
+    let auth = format!("Bearer {tok}");
+    let mut c = SseClient::open_with(
+        gw.client,
+        "/events?channel=g",
+        &[("Authorization", &auth), ("Last-Event-ID", "123")],
+    )
+    .await
+    .unwrap();
+    let ev = c.next_event(T).await.unwrap();
+    assert_eq!(ev.event.as_deref(), Some("gateway.gap"));
+    let mut c = SseClient::open(gw.client, "/events?channel=g&last_event_id=x", Some(&tok))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.next_event(T).await.unwrap().event.as_deref(),
+        Some("gateway.gap")
+    );
+    // Without one, no gap.
+    let mut c = SseClient::open(gw.client, "/events?channel=g", Some(&tok))
+        .await
+        .unwrap();
+    assert!(c.next_event(Duration::from_millis(300)).await.is_none());
+}

@@ -169,10 +169,7 @@ struct Decoder {
 impl Decoder {
     fn feed(&mut self, bytes: &[u8], latencies_us: &mut Vec<u64>) {
         self.raw.extend_from_slice(bytes);
-        loop {
-            let Some(eol) = self.raw.windows(2).position(|w| w == b"\r\n") else {
-                break;
-            };
+        while let Some(eol) = self.raw.windows(2).position(|w| w == b"\r\n") {
             let size = std::str::from_utf8(&self.raw[..eol])
                 .ok()
                 .and_then(|s| usize::from_str_radix(s.trim(), 16).ok())
