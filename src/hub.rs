@@ -44,6 +44,8 @@ pub enum CloseReason {
     Shutdown = 3,
     /// Something failed on the gateway's side.
     Error = 4,
+    /// The user's slot could not be kept (this replica's lease lapsed and others filled it).
+    UserLimit = 5,
 }
 
 impl CloseReason {
@@ -55,6 +57,7 @@ impl CloseReason {
             CloseReason::TokenExpired => "token_expired",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Error => "error",
+            CloseReason::UserLimit => "user_limit",
         }
     }
 
@@ -64,6 +67,7 @@ impl CloseReason {
             2 => CloseReason::TokenExpired,
             3 => CloseReason::Shutdown,
             4 => CloseReason::Error,
+            5 => CloseReason::UserLimit,
             _ => CloseReason::Client,
         }
     }
@@ -288,6 +292,11 @@ impl Hub {
     /// Number of open streams.
     pub fn stream_count(&self) -> usize {
         self.stream_count.load(Ordering::Relaxed)
+    }
+
+    /// The open stream with this id, if any.
+    pub fn stream(&self, id: u64) -> Option<Arc<Subscriber>> {
+        lock(self.stream_shard(id)).get(&id).cloned()
     }
 
     /// A snapshot of every open stream (for the drain).

@@ -18,6 +18,7 @@
 //! - `sse`: `GET /events` (`mod`), the body state machine (`stream`), the encoder (`frame`).
 //! - `publish`: `POST /publish`; `event`: payload -> event.
 //! - `hub`: local fan-out; `broker`: cross-replica transport (memory, Redis).
+//! - `limits`: per-user slots across replicas (memory, Redis with per-replica leases).
 //! - `shutdown`: the drain; `metrics`: names and exporter; `error`: refusals -> HTTP.
 //! - `devmode`: what a plain start prints.
 
@@ -31,6 +32,7 @@ pub mod devmode;
 pub mod error;
 pub mod event;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod publish;
 pub mod request;
@@ -72,7 +74,7 @@ pub async fn run(
 
     let hub = Arc::new(hub::Hub::new());
     let verifier = auth::Verifier::new(&config)?;
-    let broker = broker::from_config(&config, hub.clone())?;
+    let (broker, limiter) = broker::from_config(&config, hub.clone(), admin_addr.to_string())?;
     if config.single_replica() {
         tracing::warn!("SSE_GATEWAY_REDIS_URL is unset: single-replica mode with an in-process broker; do not run more than one replica like this");
     }
@@ -82,7 +84,7 @@ pub async fn run(
         use std::io::Write;
         let _ = std::io::stdout().flush();
     }
-    let state = Arc::new(AppState::new(config, hub, broker, verifier));
+    let state = Arc::new(AppState::new(config, hub, broker, verifier, limiter));
     let stop = CancellationToken::new();
     tokio::spawn(server::serve_client(client, state.clone(), stop.clone()));
     tokio::spawn(server::serve_admin(

@@ -7,6 +7,7 @@ use crate::auth::Verifier;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::limits::Limiter;
 
 /// The replica's shared state.
 pub struct AppState {
@@ -18,18 +19,27 @@ pub struct AppState {
     pub broker: Arc<dyn Broker>,
     /// Token checks.
     pub verifier: Verifier,
+    /// Per-user slots.
+    pub limiter: Arc<dyn Limiter>,
     draining: AtomicBool,
     next_stream: AtomicU64,
 }
 
 impl AppState {
     /// Bundles the parts.
-    pub fn new(config: Config, hub: Arc<Hub>, broker: Arc<dyn Broker>, verifier: Verifier) -> Self {
+    pub fn new(
+        config: Config,
+        hub: Arc<Hub>,
+        broker: Arc<dyn Broker>,
+        verifier: Verifier,
+        limiter: Arc<dyn Limiter>,
+    ) -> Self {
         Self {
             config,
             hub,
             broker,
             verifier,
+            limiter,
             draining: AtomicBool::new(false),
             next_stream: AtomicU64::new(1),
         }
@@ -47,7 +57,7 @@ impl AppState {
 
     /// Whether the load balancer should send new clients here.
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.broker.is_ready()
+        !self.is_draining() && self.broker.is_ready() && self.limiter.is_ready()
     }
 
     /// A fresh stream id.

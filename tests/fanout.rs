@@ -89,7 +89,10 @@ async fn one_publish_reaches_every_replica_once_in_order() {
 #[tokio::test]
 async fn a_thousand_streams_subscribe_in_few_round_trips() {
     let redis = Redis::start();
-    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);
+    let gw = Gateway::start(&[
+        ("SSE_GATEWAY_REDIS_URL", &redis.url()),
+        ("SSE_GATEWAY_MAX_CONNECTIONS_PER_USER", "1000"),
+    ]);
     gw.wait_ready(true, T).await;
     let tok = token(json!({"sub": "u", "exp": now() + 600, "channels": ["*"]}));
     let mut conn = redis::Client::open(redis.url())

@@ -30,7 +30,7 @@ async fn read_until(body: &mut Incoming, buf: &mut Vec<u8>, needle: &[u8]) -> bo
 
 #[tokio::test]
 async fn many_streams_share_one_http2_connection() {
-    let gw = Gateway::start(&[]);
+    let gw = Gateway::start(&[("SSE_GATEWAY_MAX_CONNECTIONS_PER_USER", "64")]);
     let tcp = tokio::net::TcpStream::connect(gw.client).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))

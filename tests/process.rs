@@ -4,6 +4,7 @@
 mod support;
 
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -39,12 +40,38 @@ async fn development_mode_prints_commands_that_work_as_printed() {
     assert!(stream_cmd.contains(&gw.client.to_string()));
 
     // Run them exactly as printed, through a shell, as a user pasting them would.
-    let streaming = Command::new("sh")
-        .args(["-c", &format!("exec {stream_cmd} --max-time 5 --silent")])
+    let mut streaming = Command::new("sh")
+        .args(["-c", &format!("exec {stream_cmd} --max-time 10 --silent")])
         .stdout(Stdio::piped())
         .spawn()
         .expect("sh + curl");
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let received = Arc::new(Mutex::new(String::new()));
+    {
+        let out = streaming.stdout.take().expect("stdout");
+        let received = received.clone();
+        std::thread::spawn(move || {
+            let mut out = out;
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                received
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+    }
+    // Publish once the stream is really open (the prelude arrived).
+    let deadline = Instant::now() + T;
+    while !received.lock().unwrap().contains(": ok") {
+        assert!(
+            Instant::now() < deadline,
+            "the printed stream command never opened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let published = Command::new("sh")
         .args([
             "-c",
@@ -54,15 +81,19 @@ async fn development_mode_prints_commands_that_work_as_printed() {
         .expect("sh + curl");
     let answer = String::from_utf8_lossy(&published.stdout).to_string();
     assert!(answer.ends_with(" 202"), "publish answered {answer:?}");
-    let _ = Command::new("kill")
-        .arg(streaming.id().to_string())
-        .status();
-    let out = streaming.wait_with_output().expect("curl output");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("event: greeting\ndata: hello\n\n"),
-        "stream got {text:?}"
-    );
+    let deadline = Instant::now() + T;
+    while !received
+        .lock()
+        .unwrap()
+        .contains("event: greeting\ndata: hello\n\n")
+    {
+        if Instant::now() > deadline {
+            panic!("stream got {:?}", received.lock().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = streaming.kill();
+    let _ = streaming.wait();
 }
 
 #[tokio::test]

@@ -21,6 +21,7 @@ use futures_util::future::BoxFuture;
 
 use crate::event::parse_payload;
 use crate::hub::{Hub, Queued};
+use crate::limits::{memory::MemoryLimiter, redis::RedisLimiter, Limiter};
 use crate::metrics as m;
 use crate::sse::frame;
 
@@ -71,16 +72,22 @@ pub fn dispatch(hub: &Hub, channel: &str, payload: &[u8], max_event_bytes: usize
     }
 }
 
-/// Builds the broker the configuration asks for.
+/// Builds the broker and the per-user limiter the configuration asks for.
 pub fn from_config(
     config: &crate::config::Config,
     hub: Arc<Hub>,
-) -> Result<Arc<dyn Broker>, String> {
+    admin_addr: String,
+) -> Result<(Arc<dyn Broker>, Arc<dyn Limiter>), String> {
     match &config.redis_url {
-        None => Ok(Arc::new(memory::MemoryBroker::new(
-            hub,
-            config.max_event_bytes,
-        ))),
-        Some(url) => Ok(Arc::new(redis::RedisBroker::start(url, config, hub)?)),
+        None => Ok((
+            Arc::new(memory::MemoryBroker::new(hub, config.max_event_bytes)),
+            Arc::new(MemoryLimiter::new(config.max_connections_per_user)),
+        )),
+        Some(url) => {
+            let pool = redis::pool(url)?;
+            let broker = redis::RedisBroker::start(url, config, hub.clone(), pool.clone())?;
+            let limiter = RedisLimiter::start(pool, config, hub, admin_addr);
+            Ok((Arc::new(broker), Arc::new(limiter)))
+        }
     }
 }

@@ -67,21 +67,13 @@ type Outage = String;
 
 impl RedisBroker {
     /// Starts the manager; the replica is not ready until the first connection is subscribed.
-    pub fn start(url: &str, config: &crate::config::Config, hub: Arc<Hub>) -> Result<Self, String> {
+    pub fn start(
+        url: &str,
+        config: &crate::config::Config,
+        hub: Arc<Hub>,
+        pool: Pool,
+    ) -> Result<Self, String> {
         let client = redis::Client::open(url).map_err(|e| format!("SSE_GATEWAY_REDIS_URL: {e}"))?;
-        let mut pool_config = deadpool_redis::Config::from_url(url);
-        pool_config.pool = Some(deadpool_redis::PoolConfig {
-            max_size: 32,
-            timeouts: deadpool_redis::Timeouts {
-                wait: Some(COMMAND_TIMEOUT),
-                create: Some(Duration::from_secs(3)),
-                recycle: Some(Duration::from_secs(3)),
-            },
-            ..Default::default()
-        });
-        let pool = pool_config
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|e| format!("SSE_GATEWAY_REDIS_URL: cannot build the connection pool: {e}"))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let ready = Arc::new(AtomicBool::new(false));
         let replica: u64 = rand::random();
@@ -105,6 +97,23 @@ impl RedisBroker {
             prefix: config.channel_prefix.clone(),
         })
     }
+}
+
+/// The command pool every Redis user of a replica shares (never the pub/sub connection).
+pub fn pool(url: &str) -> Result<Pool, String> {
+    let mut pool_config = deadpool_redis::Config::from_url(url);
+    pool_config.pool = Some(deadpool_redis::PoolConfig {
+        max_size: 32,
+        timeouts: deadpool_redis::Timeouts {
+            wait: Some(COMMAND_TIMEOUT),
+            create: Some(Duration::from_secs(3)),
+            recycle: Some(Duration::from_secs(3)),
+        },
+        ..Default::default()
+    });
+    pool_config
+        .create_pool(Some(Runtime::Tokio1))
+        .map_err(|e| format!("SSE_GATEWAY_REDIS_URL: cannot build the connection pool: {e}"))
 }
 
 impl Broker for RedisBroker {

@@ -18,6 +18,7 @@ use crate::body::GatewayBody;
 use crate::channel::{self, MAX_CHANNELS_PER_STREAM};
 use crate::error::ApiError;
 use crate::hub::Subscriber;
+use crate::limits::{LimitError, Slot};
 use crate::metrics as m;
 use crate::request::{bearer_token, query_pairs};
 use crate::state::AppState;
@@ -111,10 +112,20 @@ async fn open<B>(
         ));
     }
 
-    let (subscriber, rx) = Subscriber::new(state.next_stream_id(), config.client_queue, connection);
+    let stream_id = state.next_stream_id();
+    let slot = Slot::acquire(state.limiter.clone(), &sub, stream_id)
+        .await
+        .map_err(|e| match e {
+            LimitError::UserLimit { limit } => ApiError::UserLimit(format!(
+                "this user already holds {limit} streams (SSE_GATEWAY_MAX_CONNECTIONS_PER_USER); close one or retry later"
+            )),
+            LimitError::Unavailable(why) => ApiError::Unavailable(format!("{why}; retry")),
+        })?;
+    let (subscriber, rx) = Subscriber::new(stream_id, config.client_queue, connection);
     let (guard, _first) = StreamGuard::subscribe(
         subscriber,
         channels,
+        slot,
         state.hub.clone(),
         state.broker.clone(),
     );

@@ -23,6 +23,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::broker::Broker;
 use crate::hub::{CloseReason, Hub, Queued, Subscriber};
+use crate::limits::Slot;
 use crate::metrics as m;
 use crate::sse::frame;
 
@@ -36,6 +37,8 @@ pub struct StreamGuard {
     channels: Vec<String>,
     hub: Arc<Hub>,
     broker: Arc<dyn Broker>,
+    /// Released after the subscriptions, when the guard's fields drop.
+    _slot: Slot,
 }
 
 impl StreamGuard {
@@ -43,6 +46,7 @@ impl StreamGuard {
     pub fn subscribe(
         sub: Arc<Subscriber>,
         channels: Vec<String>,
+        slot: Slot,
         hub: Arc<Hub>,
         broker: Arc<dyn Broker>,
     ) -> (Self, Vec<String>) {
@@ -54,6 +58,7 @@ impl StreamGuard {
                 channels,
                 hub,
                 broker,
+                _slot: slot,
             },
             first,
         )
