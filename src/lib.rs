@@ -74,7 +74,7 @@ pub async fn run(
 
     let hub = Arc::new(hub::Hub::new());
     let verifier = auth::Verifier::new(&config)?;
-    let (broker, limiter) = broker::from_config(&config, hub.clone(), admin_addr.to_string())?;
+    let backends = broker::from_config(&config, hub.clone(), admin_addr.to_string())?;
     if config.single_replica() {
         tracing::warn!("SSE_GATEWAY_REDIS_URL is unset: single-replica mode with an in-process broker; do not run more than one replica like this");
     }
@@ -84,7 +84,13 @@ pub async fn run(
         use std::io::Write;
         let _ = std::io::stdout().flush();
     }
-    let state = Arc::new(AppState::new(config, hub, broker, verifier, limiter));
+    let state = Arc::new(AppState::new(
+        config,
+        hub,
+        backends.broker,
+        verifier,
+        backends.limiter,
+    ));
     let stop = CancellationToken::new();
     tokio::spawn(server::serve_client(client, state.clone(), stop.clone()));
     tokio::spawn(server::serve_admin(

@@ -72,22 +72,33 @@ pub fn dispatch(hub: &Hub, channel: &str, payload: &[u8], max_event_bytes: usize
     }
 }
 
+/// The shared state a replica keeps outside itself: in memory, or in Redis.
+pub struct Backends {
+    /// Cross-replica event transport.
+    pub broker: Arc<dyn Broker>,
+    /// Per-user slots.
+    pub limiter: Arc<dyn Limiter>,
+}
+
 /// Builds the broker and the per-user limiter the configuration asks for.
 pub fn from_config(
     config: &crate::config::Config,
     hub: Arc<Hub>,
     admin_addr: String,
-) -> Result<(Arc<dyn Broker>, Arc<dyn Limiter>), String> {
+) -> Result<Backends, String> {
     match &config.redis_url {
-        None => Ok((
-            Arc::new(memory::MemoryBroker::new(hub, config.max_event_bytes)),
-            Arc::new(MemoryLimiter::new(config.max_connections_per_user)),
-        )),
+        None => Ok(Backends {
+            broker: Arc::new(memory::MemoryBroker::new(hub, config.max_event_bytes)),
+            limiter: Arc::new(MemoryLimiter::new(config.max_connections_per_user)),
+        }),
         Some(url) => {
             let pool = redis::pool(url)?;
             let broker = redis::RedisBroker::start(url, config, hub.clone(), pool.clone())?;
             let limiter = RedisLimiter::start(pool, config, hub, admin_addr);
-            Ok((Arc::new(broker), Arc::new(limiter)))
+            Ok(Backends {
+                broker: Arc::new(broker),
+                limiter: Arc::new(limiter),
+            })
         }
     }
 }
