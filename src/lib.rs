@@ -103,6 +103,7 @@ pub async fn run(
 
     shutdown.await;
     shutdown::drain(&state).await;
+    state.limiter.flush().await;
     stop.cancel();
     Ok(())
 }

@@ -37,6 +37,11 @@ pub trait Limiter: Send + Sync + 'static {
     fn is_ready(&self) -> bool {
         true
     }
+    /// Waits (bounded) until every release so far has reached the store: the last step of a
+    /// drain, so that a replica leaving on purpose hands its users' slots back at once.
+    fn flush(&self) -> BoxFuture<'static, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// Owns one slot; dropping it releases the slot.

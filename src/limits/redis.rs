@@ -17,6 +17,7 @@
 //!   meanwhile count first, and streams of this replica beyond the limit are closed.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -51,6 +52,8 @@ struct Inner {
     held: Mutex<HashMap<String, BTreeSet<u64>>>,
     /// Releases that could not reach Redis yet.
     pending_release: Mutex<Vec<(String, u64)>>,
+    /// Releases on their way to Redis.
+    in_flight: std::sync::atomic::AtomicUsize,
     hub: Arc<Hub>,
     admit: Script,
     reclaim: Script,
@@ -81,6 +84,7 @@ impl RedisLimiter {
             valid_until: Mutex::new(None),
             held: Mutex::new(HashMap::new()),
             pending_release: Mutex::new(Vec::new()),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
             hub,
             admit: Script::new(include_str!("admit.lua")),
             reclaim: Script::new(include_str!("reclaim.lua")),
@@ -99,6 +103,10 @@ impl RedisLimiter {
 impl Inner {
     fn slots_key(&self, sub: &str) -> String {
         format!("{}{{u:{sub}}}:slots", self.prefix)
+    }
+
+    fn registry_key(&self) -> String {
+        format!("{}{{gateway}}:replicas", self.prefix)
     }
 
     fn member(&self, stream: u64) -> String {
@@ -123,17 +131,39 @@ impl Inner {
                     .into(),
             ));
         }
-        let mut invocation = self.admit.key(self.slots_key(sub));
-        invocation.arg(self.limit).arg(self.member(stream));
-        for (id, expiry) in self.lease_args() {
-            invocation.arg(id).arg(expiry);
-        }
         let work = async {
             let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
-            invocation
-                .invoke_async::<i64>(&mut conn)
-                .await
-                .map_err(|e| e.to_string())
+            let mut strict = false;
+            loop {
+                let mut invocation = self.admit.key(self.slots_key(sub));
+                invocation
+                    .arg(self.limit)
+                    .arg(self.member(stream))
+                    .arg(if strict { "1" } else { "0" });
+                for (id, expiry) in self.lease_args() {
+                    invocation.arg(id).arg(expiry);
+                }
+                let n = invocation
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if n >= 0 || strict {
+                    return Ok::<i64, String>(n);
+                }
+                // A replica registered after our last read holds a slot of this user: read the
+                // registry again rather than take it for dead.
+                let fresh: Vec<(String, f64)> = redis::cmd("ZRANGE")
+                    .arg(self.registry_key())
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                *self.leases.write().unwrap_or_else(|p| p.into_inner()) =
+                    fresh.into_iter().map(|(id, e)| (id, e as i64)).collect();
+                strict = true;
+            }
         };
         match timeout(COMMAND_TIMEOUT, work).await {
             Ok(Ok(0)) => Err(LimitError::UserLimit { limit: self.limit }),
@@ -176,9 +206,7 @@ impl Inner {
     /// Renews the lease; returns whether it had lapsed (or vanished) before this renewal.
     async fn renew(&self) -> Result<bool, String> {
         let lease_ms = self.lease.as_millis() as i64;
-        let mut invocation = self
-            .registry
-            .key(format!("{}{{gateway}}:replicas", self.prefix));
+        let mut invocation = self.registry.key(self.registry_key());
         invocation
             .key(format!("{}{{gateway}}:replicas:admin", self.prefix))
             .arg(&self.replica)
@@ -221,6 +249,7 @@ impl Inner {
         *self.leases.write().unwrap_or_else(|p| p.into_inner()) = leases;
         // Others see this lease end at Redis-now + lease; keep a margin for the round trip.
         *lock(&self.valid_until) = Some(sent + self.lease.mul_f64(0.9));
+        tracing::debug!(prev, now, "lease registry read");
         Ok(prev < now)
     }
 
@@ -306,6 +335,7 @@ async fn upkeep(weak: std::sync::Weak<Inner>) {
         let Some(inner) = weak.upgrade() else { return };
         match inner.renew().await {
             Ok(lapsed) => {
+                tracing::debug!(lapsed, registered_once, "lease renewed");
                 if lapsed && registered_once {
                     if let Err(e) = inner.reclaim_all().await {
                         tracing::warn!(
@@ -369,13 +399,27 @@ impl Limiter for RedisLimiter {
         let sub = sub.to_string();
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
+                inner.in_flight.fetch_add(1, Ordering::AcqRel);
                 handle.spawn(async move {
                     if inner.remove(&sub, stream).await.is_err() {
                         lock(&inner.pending_release).push((sub, stream));
                     }
+                    inner.in_flight.fetch_sub(1, Ordering::AcqRel);
                 });
             }
             Err(_) => lock(&inner.pending_release).push((sub, stream)),
         }
+    }
+
+    fn flush(&self) -> BoxFuture<'static, ()> {
+        let inner = self.inner.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while inner.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let _ = timeout(Duration::from_secs(3), inner.flush_pending_releases()).await;
+        }
+        .boxed()
     }
 }
