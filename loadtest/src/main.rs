@@ -38,6 +38,11 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         hold_secs: u64,
     },
+    /// Open and close N streams one after another; report connect latency (to the 200 head).
+    Connect {
+        #[command(flatten)]
+        common: Common,
+    },
     /// N streams on one channel; publish through Redis; report delivery latency.
     Broadcast {
         #[command(flatten)]
@@ -386,9 +391,45 @@ async fn broadcast(common: Common, redis_url: String, prefix: String, events: u6
     );
 }
 
+async fn connect_latency(common: Common) {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut failures = 0;
+    let started = Instant::now();
+    for i in 0..common.streams {
+        let target = common.targets[i % common.targets.len()];
+        let source =
+            (!common.source_ips.is_empty()).then(|| common.source_ips[i % common.source_ips.len()]);
+        let token = mint(&common.secret, &format!("connect-{i}"), &common.channel);
+        let t0 = Instant::now();
+        match open(target, source, &token, &common.channel).await {
+            Ok(stream) => {
+                let _ = hist.record((t0.elapsed().as_micros() as u64).max(1));
+                drop(stream);
+            }
+            Err(e) => {
+                failures += 1;
+                if failures <= 5 {
+                    eprintln!("connect {i}: {e}");
+                }
+            }
+        }
+    }
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "connect: {} sequential streams in {:.1}s, {failures} failed; time to 200 ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
+        common.streams,
+        started.elapsed().as_secs_f64(),
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        hist.max() as f64 / 1000.0
+    );
+}
+
 #[tokio::main]
 async fn main() {
     match Cli::parse().command {
+        Scenario::Connect { common } => connect_latency(common).await,
         Scenario::Idle { common, hold_secs } => idle(common, Duration::from_secs(hold_secs)).await,
         Scenario::Broadcast {
             common,
