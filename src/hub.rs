@@ -24,10 +24,23 @@ const SHARDS: usize = 64;
 /// One frame waiting in a stream's queue, with when the replica received its event.
 #[derive(Debug, Clone)]
 pub struct Queued {
-    /// The encoded frame, shared by every subscriber.
+    /// The encoded frame, shared by every subscriber (without its end for durable events).
     pub bytes: Bytes,
     /// When this replica received the event.
     pub received: Instant,
+    /// Where a durable event sits in its channel's history; `None` for fire-and-forget events.
+    pub durable: Option<Arc<Durable>>,
+}
+
+/// A durable event's place in history, which each stream folds into its own cursor.
+#[derive(Debug)]
+pub struct Durable {
+    /// The channel.
+    pub channel: Arc<str>,
+    /// Its epoch and position.
+    pub mark: crate::history::Mark,
+    /// `id:` line and end of the event for a stream on this channel alone.
+    pub single_id: Bytes,
 }
 
 /// Why a stream ended; the `connections_closed_total` reason.
@@ -248,6 +261,18 @@ impl Hub {
         emptied
     }
 
+    /// Hands a control frame to every local subscriber of `channel` (e.g. `gateway.gap`).
+    pub fn deliver_control(&self, channel: &str, bytes: Bytes) -> usize {
+        self.deliver(
+            channel,
+            &Queued {
+                bytes,
+                received: Instant::now(),
+                durable: None,
+            },
+        )
+    }
+
     /// Hands a frame to every local subscriber of `channel`; returns how many took it.
     pub fn deliver(&self, channel: &str, frame: &Queued) -> usize {
         let shard = lock(self.shard(channel));
@@ -317,6 +342,7 @@ mod tests {
         Queued {
             bytes: Bytes::from_static(s.as_bytes()),
             received: Instant::now(),
+            durable: None,
         }
     }
 

@@ -18,6 +18,7 @@
 //! - `sse`: `GET /events` (`mod`), the body state machine (`stream`), the encoder (`frame`).
 //! - `publish`: `POST /publish`; `event`: payload -> event.
 //! - `hub`: local fan-out; `broker`: cross-replica transport (memory, Redis).
+//! - `history`: durable events, positions and resume cursors (memory, Redis streams).
 //! - `limits`: per-user slots across replicas (memory, Redis with per-replica leases).
 //! - `shutdown`: the drain; `metrics`: names and exporter; `error`: refusals -> HTTP.
 //! - `devmode`: what a plain start prints.
@@ -31,6 +32,7 @@ pub mod cors;
 pub mod devmode;
 pub mod error;
 pub mod event;
+pub mod history;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
@@ -90,6 +92,7 @@ pub async fn run(
         backends.broker,
         verifier,
         backends.limiter,
+        backends.history,
     ));
     let stop = CancellationToken::new();
     tokio::spawn(server::serve_client(client, state.clone(), stop.clone()));

@@ -17,6 +17,7 @@ use crate::body::GatewayBody;
 use crate::channel::{self, MAX_CHANNELS_PER_STREAM};
 use crate::error::ApiError;
 use crate::event::validate_event_name;
+use crate::history::Cursor;
 use crate::metrics as m;
 use crate::request::{bearer_token, query_pairs};
 use crate::state::AppState;
@@ -157,14 +158,31 @@ where
         return Err(too_large());
     }
     let payload = Bytes::from(payload);
+    let mut ids = serde_json::Map::new();
     for c in &channels {
-        state
-            .broker
-            .publish(c.clone(), payload.clone())
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("{e}; retry")))?;
+        match &state.history {
+            // Durable: stored and published in one step; the answer is the event's position.
+            Some(history) => {
+                let mark = history
+                    .append(c.clone(), payload.clone())
+                    .await
+                    .map_err(|e| {
+                        ApiError::Unavailable(format!("durable publish failed: {e}; retry"))
+                    })?;
+                let cursor = Cursor {
+                    marks: vec![(Arc::from(c.as_str()), mark)],
+                };
+                ids.insert(c.clone(), serde_json::Value::String(cursor.encode()));
+            }
+            None => state
+                .broker
+                .publish(c.clone(), payload.clone())
+                .await
+                .map_err(|e| ApiError::Unavailable(format!("{e}; retry")))?,
+        }
     }
-    let mut response = Response::new(GatewayBody::text(r#"{"ids":{}}"#));
+    let body = serde_json::json!({ "ids": ids }).to_string();
+    let mut response = Response::new(GatewayBody::text(body));
     *response.status_mut() = StatusCode::ACCEPTED;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

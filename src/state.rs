@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::auth::Verifier;
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::history::History;
 use crate::hub::Hub;
 use crate::limits::Limiter;
 
@@ -21,6 +22,8 @@ pub struct AppState {
     pub verifier: Verifier,
     /// Per-user slots.
     pub limiter: Arc<dyn Limiter>,
+    /// Durable events, when history is on.
+    pub history: Option<Arc<dyn History>>,
     draining: AtomicBool,
     next_stream: AtomicU64,
 }
@@ -33,6 +36,7 @@ impl AppState {
         broker: Arc<dyn Broker>,
         verifier: Verifier,
         limiter: Arc<dyn Limiter>,
+        history: Option<Arc<dyn History>>,
     ) -> Self {
         Self {
             config,
@@ -40,6 +44,7 @@ impl AppState {
             broker,
             verifier,
             limiter,
+            history,
             draining: AtomicBool::new(false),
             next_stream: AtomicU64::new(1),
         }

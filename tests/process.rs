@@ -85,7 +85,7 @@ async fn development_mode_prints_commands_that_work_as_printed() {
     while !received
         .lock()
         .unwrap()
-        .contains("event: greeting\ndata: hello\n\n")
+        .contains("event: greeting\ndata: hello\nid: ")
     {
         if Instant::now() > deadline {
             panic!("stream got {:?}", received.lock().unwrap());

@@ -118,7 +118,7 @@ async fn publish_over_http_checks_its_input() {
         )
         .await;
     assert_eq!(ok.status, 202, "{}", ok.text());
-    assert_eq!(ok.json(), json!({"ids": {}}));
+    assert!(ok.json()["ids"]["news"].is_string(), "{}", ok.text());
     let ev = c.next_event(T).await.expect("event");
     assert_eq!(ev.event.as_deref(), Some("headline"));
     assert_eq!(ev.data, r#"{"t":"a b"}"#);

@@ -20,7 +20,8 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
 use crate::event::parse_payload;
-use crate::hub::{Hub, Queued};
+use crate::history::{memory::MemoryHistory, redis::RedisHistory, Cursor, History, Mark};
+use crate::hub::{Durable, Hub, Queued};
 use crate::limits::{memory::MemoryLimiter, redis::RedisLimiter, Limiter};
 use crate::metrics as m;
 use crate::sse::frame;
@@ -63,11 +64,57 @@ pub fn dispatch(hub: &Hub, channel: &str, payload: &[u8], max_event_bytes: usize
         .and_then(|event| frame::encode(&event).map_err(|e| ("invalid", e.to_string())));
     match encoded {
         Ok(bytes) => {
-            hub.deliver(channel, &Queued { bytes, received });
+            hub.deliver(
+                channel,
+                &Queued {
+                    bytes,
+                    received,
+                    durable: None,
+                },
+            );
         }
         Err((reason, why)) => {
             metrics::counter!(m::EVENTS_DROPPED, "reason" => reason).increment(1);
             tracing::debug!(reason, "event dropped: {why}");
+        }
+    }
+}
+
+/// Like [`dispatch`], for a durable event: the frame is left open for each stream's `id:` line.
+pub fn dispatch_durable(
+    hub: &Hub,
+    channel: &str,
+    mark: &Mark,
+    payload: &[u8],
+    max_event_bytes: usize,
+) {
+    let received = Instant::now();
+    m::hot().received.increment(1);
+    let encoded = parse_payload(payload, max_event_bytes)
+        .map_err(|e| (e.reason(), e.to_string()))
+        .and_then(|event| frame::encode_open(&event).map_err(|e| ("invalid", e.to_string())));
+    match encoded {
+        Ok(bytes) => {
+            let channel_arc: Arc<str> = Arc::from(channel);
+            let single = Cursor {
+                marks: vec![(channel_arc.clone(), mark.clone())],
+            };
+            hub.deliver(
+                channel,
+                &Queued {
+                    bytes,
+                    received,
+                    durable: Some(Arc::new(Durable {
+                        channel: channel_arc,
+                        mark: mark.clone(),
+                        single_id: frame::id_line(&single.encode()),
+                    })),
+                },
+            );
+        }
+        Err((reason, why)) => {
+            metrics::counter!(m::EVENTS_DROPPED, "reason" => reason).increment(1);
+            tracing::debug!(reason, "durable event dropped: {why}");
         }
     }
 }
@@ -78,6 +125,8 @@ pub struct Backends {
     pub broker: Arc<dyn Broker>,
     /// Per-user slots.
     pub limiter: Arc<dyn Limiter>,
+    /// Durable events; `None` when `SSE_GATEWAY_HISTORY_SIZE` is 0.
+    pub history: Option<Arc<dyn History>>,
 }
 
 /// Builds the broker and the per-user limiter the configuration asks for.
@@ -86,18 +135,33 @@ pub fn from_config(
     hub: Arc<Hub>,
     admin_addr: String,
 ) -> Result<Backends, String> {
+    let keep_history = config.history_size > 0;
     match &config.redis_url {
         None => Ok(Backends {
-            broker: Arc::new(memory::MemoryBroker::new(hub, config.max_event_bytes)),
+            broker: Arc::new(memory::MemoryBroker::new(
+                hub.clone(),
+                config.max_event_bytes,
+            )),
             limiter: Arc::new(MemoryLimiter::new(config.max_connections_per_user)),
+            history: keep_history.then(|| {
+                MemoryHistory::new(
+                    config.history_size as usize,
+                    config.history_ttl,
+                    config.max_event_bytes,
+                    hub,
+                ) as Arc<dyn History>
+            }),
         }),
         Some(url) => {
             let pool = redis::pool(url)?;
-            let broker = redis::RedisBroker::start(url, config, hub.clone(), pool.clone())?;
+            let history = keep_history.then(|| RedisHistory::new(pool.clone(), config));
+            let broker =
+                redis::RedisBroker::start(url, config, hub.clone(), pool.clone(), history.clone())?;
             let limiter = RedisLimiter::start(pool, config, hub, admin_addr);
             Ok(Backends {
                 broker: Arc::new(broker),
                 limiter: Arc::new(limiter),
+                history: history.map(|h| Arc::new(h) as Arc<dyn History>),
             })
         }
     }

@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,7 +24,9 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 
-use super::{dispatch, Broker, BrokerError};
+use super::{dispatch, dispatch_durable, Broker, BrokerError};
+use crate::history::redis::RedisHistory;
+use crate::history::{decode_durable, History, Mark, Position, ANY_EPOCH, PAGE};
 use crate::hub::Hub;
 use crate::metrics as m;
 
@@ -58,6 +60,11 @@ struct Manager {
     probe_channel: String,
     probe_every: Duration,
     max_event_bytes: usize,
+    history: Option<RedisHistory>,
+    /// Last durable event seen live per channel: where to fill from after an outage.
+    last_seen: Arc<Mutex<HashMap<String, Mark>>>,
+    /// When a message last arrived (unix ms): where to fill from for channels with no mark.
+    last_contact_ms: Arc<AtomicU64>,
     ready: Arc<AtomicBool>,
     requests: mpsc::UnboundedReceiver<Request>,
 }
@@ -72,6 +79,7 @@ impl RedisBroker {
         config: &crate::config::Config,
         hub: Arc<Hub>,
         pool: Pool,
+        history: Option<RedisHistory>,
     ) -> Result<Self, String> {
         let client = redis::Client::open(url).map_err(|e| format!("SSE_GATEWAY_REDIS_URL: {e}"))?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -85,6 +93,9 @@ impl RedisBroker {
             probe_channel: format!("{}{{gateway}}:probe:{replica:016x}", config.channel_prefix),
             probe_every: config.redis_probe,
             max_event_bytes: config.max_event_bytes,
+            history,
+            last_seen: Arc::new(Mutex::new(HashMap::new())),
+            last_contact_ms: Arc::new(AtomicU64::new(0)),
             ready: ready.clone(),
             requests: rx,
         };
@@ -210,6 +221,12 @@ impl Manager {
             .await
             .map_err(|_| "connect timed out".to_string())?
             .map_err(|e| format!("connect failed: {e}"))?;
+        if let Some(history) = &self.history {
+            history
+                .load_function()
+                .await
+                .map_err(|e| format!("cannot load the durable-publish function: {e}"))?;
+        }
         let (mut sink, mut stream) = pubsub.split();
         let probe_seen = Arc::new(AtomicU64::new(0));
         let (reader_done_tx, mut reader_done) = oneshot::channel::<()>();
@@ -219,8 +236,11 @@ impl Manager {
             let probe_channel = self.probe_channel.clone();
             let probe_seen = probe_seen.clone();
             let max = self.max_event_bytes;
+            let last_seen = self.last_seen.clone();
+            let last_contact = self.last_contact_ms.clone();
             tokio::spawn(async move {
                 while let Some(msg) = stream.next().await {
+                    last_contact.store(unix_ms(), Ordering::Relaxed);
                     let name = msg.get_channel_name();
                     if name == probe_channel {
                         if let Ok(seq) = std::str::from_utf8(msg.get_payload_bytes())
@@ -230,7 +250,18 @@ impl Manager {
                             probe_seen.fetch_max(seq, Ordering::AcqRel);
                         }
                     } else if let Some(channel) = name.strip_prefix(prefix.as_str()) {
-                        dispatch(&hub, channel, msg.get_payload_bytes(), max);
+                        let payload = msg.get_payload_bytes();
+                        match decode_durable(payload) {
+                            Some((epoch, pos, body)) => {
+                                let mark = Mark {
+                                    epoch: epoch.to_string(),
+                                    pos,
+                                };
+                                dispatch_durable(&hub, channel, &mark, body, max);
+                                lock(&last_seen).insert(channel.to_string(), mark);
+                            }
+                            None => dispatch(&hub, channel, payload, max),
+                        }
                     }
                 }
                 let _ = reader_done_tx.send(());
@@ -256,6 +287,7 @@ impl Manager {
                 channels = subscribed.len(),
                 "Redis pub/sub reconnected and resubscribed"
             );
+            self.fill_after_outage(&wanted).await;
         } else {
             tracing::info!("Redis pub/sub connected");
         }
@@ -380,6 +412,71 @@ impl Manager {
         result
     }
 
+    /// Delivers the durable events published while the subscription was down, from history:
+    /// streams drop what they already have (by position), and a history that no longer
+    /// reaches back is announced with `gateway.gap`.
+    async fn fill_after_outage(&self, channels: &[String]) {
+        let Some(history) = &self.history else { return };
+        // Channels with no durable event seen yet are filled from shortly before the last
+        // message this replica received; duplicates are dropped by the streams.
+        let since = Position {
+            ms: self
+                .last_contact_ms
+                .load(Ordering::Relaxed)
+                .saturating_sub(5_000),
+            seq: 0,
+        };
+        let mut filled = 0usize;
+        for channel in channels {
+            let mut from = lock(&self.last_seen).get(channel).cloned().unwrap_or(Mark {
+                epoch: ANY_EPOCH.to_string(),
+                pos: since,
+            });
+            let mut first = true;
+            loop {
+                let page = match history.after(channel.clone(), from.clone(), PAGE).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!("filling channel history after the outage failed: {e}; its streams get gateway.gap");
+                        self.hub.deliver_control(channel, gap_frame());
+                        break;
+                    }
+                };
+                if first && page.gap {
+                    self.hub.deliver_control(channel, gap_frame());
+                }
+                first = false;
+                for e in &page.events {
+                    let mark = Mark {
+                        epoch: page.epoch.clone(),
+                        pos: e.pos,
+                    };
+                    dispatch_durable(&self.hub, channel, &mark, &e.payload, self.max_event_bytes);
+                    filled += 1;
+                    from = mark;
+                }
+                if let Some(last) = page.events.last() {
+                    lock(&self.last_seen).insert(
+                        channel.clone(),
+                        Mark {
+                            epoch: page.epoch.clone(),
+                            pos: last.pos,
+                        },
+                    );
+                }
+                if !page.more {
+                    break;
+                }
+            }
+        }
+        if filled > 0 {
+            tracing::info!(
+                events = filled,
+                "filled durable events missed during the Redis outage from history"
+            );
+        }
+    }
+
     async fn probe(&self, seq: u64) -> Result<i64, Outage> {
         let work = async {
             let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
@@ -406,6 +503,20 @@ async fn subscribe(sink: &mut redis::aio::PubSubSink, names: Vec<String>) -> Res
         .await
         .map_err(|_| "SUBSCRIBE timed out".to_string())?
         .map_err(|e| format!("SUBSCRIBE failed: {e}"))
+}
+
+fn gap_frame() -> Bytes {
+    crate::sse::frame::control("gateway.gap", "{\"reason\":\"redis_outage\"}")
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn backoff(failures: u32) -> Duration {

@@ -27,6 +27,26 @@ fn single_line(field: &str) -> bool {
 
 /// Encodes one event.
 pub fn encode(event: &Event<'_>) -> Result<Bytes, FrameError> {
+    encode_fields(event, true)
+}
+
+/// Encodes an event's fields without the blank line that ends it, so that each stream can add
+/// its own `id:` line (its cursor over all of its channels) and then end the event.
+pub fn encode_open(event: &Event<'_>) -> Result<Bytes, FrameError> {
+    encode_fields(event, false)
+}
+
+/// The `id:` line and end of a durable event, or a bare id update (no event is dispatched for
+/// an `id:` without data, but the client's last event id is set).
+pub fn id_line(cursor: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(cursor.len() + 6);
+    out.put_slice(b"id: ");
+    out.put_slice(cursor.as_bytes());
+    out.put_slice(b"\n\n");
+    out.freeze()
+}
+
+fn encode_fields(event: &Event<'_>, terminate: bool) -> Result<Bytes, FrameError> {
     let id = event.id.as_deref();
     let name = event.event.as_deref();
     if !id.is_none_or(single_line) {
@@ -75,7 +95,9 @@ pub fn encode(event: &Event<'_>) -> Result<Bytes, FrameError> {
             }
         }
     }
-    out.put_u8(b'\n');
+    if terminate {
+        out.put_u8(b'\n');
+    }
     Ok(out.freeze())
 }
 

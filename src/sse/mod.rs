@@ -5,6 +5,7 @@
 //! then the broker confirms) -> 200 with the prelude written at once.
 
 pub mod frame;
+pub mod resume;
 pub mod stream;
 
 use std::sync::Arc;
@@ -152,13 +153,30 @@ async fn open<B>(
         Some(tokio::time::Instant::now() + Duration::from_secs(left.min(10 * 365 * 86_400)))
     };
     let mut prelude = bytes::BytesMut::from(&frame::prelude(config.retry_ms)[..]);
-    if has_last_event_id(&req, &query) {
-        // No history is kept yet, so no position can be resumed from: say so honestly.
-        prelude.extend_from_slice(&frame::control(
-            "gateway.gap",
-            "{\"reason\":\"history_unavailable\"}",
-        ));
-    }
+    let last_event_id = last_event_id(&req, &query);
+    // Subscribed first (above), history read second: nothing published in between is lost,
+    // and what arrives live twice is dropped by position.
+    let resumed = match &state.history {
+        Some(history) => {
+            let r = resume::start(
+                history.clone(),
+                guard.channels(),
+                last_event_id.as_deref(),
+                config.max_event_bytes,
+            )
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("history could not be read: {e}; retry")))?;
+            prelude.extend_from_slice(&r.first);
+            Some((r.tracker, r.replayer))
+        }
+        None => {
+            if last_event_id.is_some() {
+                // History is off, so no position can be resumed from: say so honestly.
+                prelude.extend_from_slice(&resume::gap_frame("history_off"));
+            }
+            None
+        }
+    };
     tracing::debug!(
         stream = guard.sub.id,
         channels = guard.channels().len(),
@@ -171,6 +189,7 @@ async fn open<B>(
         config.heartbeat,
         expires_at,
         config.retry_ms,
+        resumed,
     );
     let mut response = Response::new(GatewayBody::Stream(Box::new(body)));
     *response.status_mut() = StatusCode::OK;
@@ -184,6 +203,14 @@ async fn open<B>(
     Ok(response)
 }
 
-fn has_last_event_id<B>(req: &Request<B>, query: &[(String, String)]) -> bool {
-    req.headers().contains_key("last-event-id") || query.iter().any(|(k, _)| k == "last_event_id")
+/// The resume cursor: the `Last-Event-ID` header (what browsers send), else `?last_event_id=`.
+/// A header that is not text counts as an unreadable id, which resumes with a gap.
+fn last_event_id<B>(req: &Request<B>, query: &[(String, String)]) -> Option<String> {
+    if let Some(v) = req.headers().get("last-event-id") {
+        return Some(v.to_str().unwrap_or("\u{0}").to_string());
+    }
+    query
+        .iter()
+        .find(|(k, _)| k == "last_event_id")
+        .map(|(_, v)| v.clone())
 }

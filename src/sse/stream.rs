@@ -26,6 +26,7 @@ use crate::hub::{CloseReason, Hub, Queued, Subscriber};
 use crate::limits::Slot;
 use crate::metrics as m;
 use crate::sse::frame;
+use crate::sse::resume::{gap_frame, Fold, Replayer, Tracker};
 
 /// Most frames written in one go.
 const MAX_BATCH: usize = 64;
@@ -97,6 +98,10 @@ pub struct SseStream {
     expires_at: Option<Instant>,
     retry_ms: u64,
     done: bool,
+    /// The stream's cursor, when history is on.
+    tracker: Option<Tracker>,
+    /// History pages still to write before live events.
+    replayer: Option<Replayer>,
     guard: StreamGuard,
 }
 
@@ -109,8 +114,13 @@ impl SseStream {
         heartbeat: Duration,
         expires_at: Option<Instant>,
         retry_ms: u64,
+        resumed: Option<(Tracker, Option<Replayer>)>,
     ) -> Self {
         let now = Instant::now();
+        let (tracker, replayer) = match resumed {
+            Some((t, r)) => (Some(t), r),
+            None => (None, None),
+        };
         let first_deadline = next_deadline(now + heartbeat, expires_at);
         Self {
             pending: Some(prelude),
@@ -121,6 +131,8 @@ impl SseStream {
             expires_at,
             retry_ms,
             done: false,
+            tracker,
+            replayer,
             guard,
         }
     }
@@ -135,28 +147,66 @@ impl SseStream {
         Poll::Ready(Some(Ok(Frame::data(last))))
     }
 
-    fn batch(&mut self, first: Queued) -> Bytes {
+    /// Writes the frames waiting (up to a bound) as one buffer; durable events get the
+    /// stream's cursor as their id, and duplicates of what replay already wrote are dropped.
+    fn batch(&mut self, first: Queued) -> Option<Bytes> {
         let hot = m::hot();
         hot.latency.record(first.received.elapsed().as_secs_f64());
-        let Ok(second) = self.rx.try_recv() else {
+        if first.durable.is_none() {
+            if let Ok(second) = self.rx.try_recv() {
+                return self.concat(first, second);
+            }
             hot.delivered.increment(1);
-            return first.bytes;
-        };
-        let mut buf = BytesMut::with_capacity((first.bytes.len() + second.bytes.len()) * 2);
-        buf.extend_from_slice(&first.bytes);
-        buf.extend_from_slice(&second.bytes);
-        let mut count = 2;
+            return Some(first.bytes);
+        }
+        let mut buf = BytesMut::new();
+        let mut count = self.append(&mut buf, first);
         while count < MAX_BATCH {
             match self.rx.try_recv() {
-                Ok(next) => {
-                    buf.extend_from_slice(&next.bytes);
-                    count += 1;
-                }
+                Ok(next) => count += self.append(&mut buf, next),
                 Err(_) => break,
             }
         }
         hot.delivered.increment(count as u64);
-        buf.freeze()
+        (!buf.is_empty()).then(|| buf.freeze())
+    }
+
+    fn concat(&mut self, first: Queued, second: Queued) -> Option<Bytes> {
+        let mut buf = BytesMut::with_capacity((first.bytes.len() + second.bytes.len()) * 2);
+        let mut count = self.append(&mut buf, first) + self.append(&mut buf, second);
+        while count < MAX_BATCH {
+            match self.rx.try_recv() {
+                Ok(next) => count += self.append(&mut buf, next),
+                Err(_) => break,
+            }
+        }
+        m::hot().delivered.increment(count as u64);
+        (!buf.is_empty()).then(|| buf.freeze())
+    }
+
+    /// Appends one queued frame; returns 1 if it was written, 0 if it was a duplicate.
+    fn append(&mut self, buf: &mut BytesMut, q: Queued) -> usize {
+        let Some(durable) = q.durable else {
+            buf.extend_from_slice(&q.bytes);
+            return 1;
+        };
+        let Some(tracker) = self.tracker.as_mut() else {
+            // History is off for this stream: write the event without an id.
+            buf.extend_from_slice(&q.bytes);
+            buf.extend_from_slice(b"\n");
+            return 1;
+        };
+        match tracker.fold(&durable.channel, &durable.mark) {
+            Fold::Duplicate => 0,
+            Fold::New { gap } => {
+                if gap {
+                    buf.extend_from_slice(&gap_frame("history_lost"));
+                }
+                buf.extend_from_slice(&q.bytes);
+                buf.extend_from_slice(&tracker.id_line(Some(&durable.single_id)));
+                1
+            }
+        }
     }
 }
 
@@ -192,18 +242,26 @@ impl Body for SseStream {
             ));
             return this.finish(CloseReason::Shutdown, goodbye.freeze());
         }
-        match this.rx.poll_recv(cx) {
-            Poll::Ready(Some(first)) => {
-                let bytes = this.batch(first);
+        if let (Some(replayer), Some(tracker)) = (this.replayer.as_mut(), this.tracker.as_mut()) {
+            match replayer.poll_next(cx, tracker) {
+                Poll::Ready(Some(bytes)) => {
+                    this.last_write = Instant::now();
+                    return Poll::Ready(Some(Ok(Frame::data(bytes))));
+                }
+                Poll::Ready(None) => this.replayer = None,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        while let Poll::Ready(next) = this.rx.poll_recv(cx) {
+            // The hub holds the sender until the guard drops, so this is a defensive end.
+            let Some(first) = next else {
+                this.done = true;
+                return Poll::Ready(None);
+            };
+            if let Some(bytes) = this.batch(first) {
                 this.last_write = Instant::now();
                 return Poll::Ready(Some(Ok(Frame::data(bytes))));
             }
-            // The hub holds the sender until the guard drops, so this is a defensive end.
-            Poll::Ready(None) => {
-                this.done = true;
-                return Poll::Ready(None);
-            }
-            Poll::Pending => {}
         }
         loop {
             if this.timer.as_mut().poll(cx).is_pending() {

@@ -1,0 +1,42 @@
+-- Reads a channel's history after a position, and says whether it still reaches back there.
+-- KEYS[1] the history stream, KEYS[2] its epoch key
+-- ARGV[1] the cursor's epoch ('*': any), ARGV[2] its position (ms-seq), ARGV[3] page size,
+-- ARGV[4] the epoch that means "no history yet"
+-- Returns { current epoch, gap (0/1), entries }.
+local function cmp(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  if am ~= bm then return am < bm and -1 or 1 end
+  if as ~= bs then return as < bs and -1 or 1 end
+  return 0
+end
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  local gap = 0
+  if ARGV[1] ~= ARGV[4] and ARGV[1] ~= '*' then gap = 1 end
+  return { ARGV[4], gap, {} }
+end
+local max_deleted = '0-0'
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'max-deleted-entry-id' then max_deleted = info[i + 1] end
+  end
+end
+local start = ARGV[2]
+local gap = 0
+if ARGV[1] == '*' then
+  -- Any epoch: the caller only knows a time, not a cursor (filling after an outage).
+  gap = 0
+elseif epoch == ARGV[1] then
+  if cmp(max_deleted, start) > 0 then gap = 1 end
+elseif ARGV[1] == ARGV[4] then
+  start = '0-0'
+  if max_deleted ~= '0-0' then gap = 1 end
+else
+  start = '0-0'
+  gap = 1
+end
+local entries = redis.call('XRANGE', KEYS[1], '(' .. start, '+', 'COUNT', tonumber(ARGV[3]) + 1)
+return { epoch, gap, entries }

@@ -1,0 +1,305 @@
+//! History: durable events per channel, positions, and the cursors clients resume from.
+//!
+//! Invariants:
+//! - A durable event is stored and published in one atomic step, and its position is the
+//!   history's own id, so a reader can never see an event live that history lacks, or the reverse.
+//! - Each channel's history has an epoch that changes whenever the history is lost (expired,
+//!   Redis restarted empty); a cursor from another epoch is a gap, never a silent skip.
+//! - Cursors are opaque to clients: one position per channel of the stream, each tagged with a
+//!   hash of its channel name, so a cursor from another channel set cannot be misread.
+//! - Durable events travel over pub/sub behind a marker that starts with a NUL byte; raw
+//!   payloads that start with NUL are reserved for the gateway.
+
+pub mod memory;
+pub mod redis;
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+
+/// A position in one channel's history (a Redis stream id: milliseconds and sequence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Position {
+    /// Milliseconds part.
+    pub ms: u64,
+    /// Sequence within the millisecond.
+    pub seq: u64,
+}
+
+impl Position {
+    /// Parses `ms-seq`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (ms, seq) = s.split_once('-')?;
+        if ms.is_empty() || seq.is_empty() || ms.len() > 20 || seq.len() > 20 {
+            return None;
+        }
+        Some(Self {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// The epoch of a channel that has no history yet.
+pub const NO_EPOCH: &str = "0";
+
+/// Asks [`History::after`] for events after a position in whatever epoch is current (used to
+/// fill an outage by time, when no cursor is known). Never a valid epoch in a cursor.
+pub const ANY_EPOCH: &str = "*";
+
+/// Where one channel's history stands: its epoch and last position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    /// History generation (`NO_EPOCH` when the channel has none).
+    pub epoch: String,
+    /// Last stored position (zero when none).
+    pub pos: Position,
+}
+
+impl Mark {
+    /// The mark of a channel without history.
+    pub fn empty() -> Self {
+        Self {
+            epoch: NO_EPOCH.to_string(),
+            pos: Position::default(),
+        }
+    }
+}
+
+/// One stored event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Its position.
+    pub pos: Position,
+    /// The publisher's payload, as published.
+    pub payload: Bytes,
+}
+
+/// A page of events after a position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// The history no longer reaches back to the position asked (trimmed, expired or lost).
+    pub gap: bool,
+    /// The channel's current epoch.
+    pub epoch: String,
+    /// Events after the position, in order.
+    pub events: Vec<Stored>,
+    /// More events follow this page.
+    pub more: bool,
+}
+
+/// Why history could not be read or written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryError(pub String);
+
+impl std::fmt::Display for HistoryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Stored, resumable events.
+pub trait History: Send + Sync + 'static {
+    /// Stores a checked payload and publishes it to every replica, atomically; its mark.
+    fn append(
+        &self,
+        channel: String,
+        payload: Bytes,
+    ) -> BoxFuture<'static, Result<Mark, HistoryError>>;
+    /// Where each channel's history stands now.
+    fn marks(&self, channels: Vec<String>) -> BoxFuture<'static, Result<Vec<Mark>, HistoryError>>;
+    /// Up to `limit` events after `from` in `channel`, if `from` is still of the current epoch.
+    fn after(
+        &self,
+        channel: String,
+        from: Mark,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Page, HistoryError>>;
+}
+
+/// Events per page when replaying.
+pub const PAGE: usize = 200;
+
+const MARKER: &[u8] = b"\0D1\0";
+
+/// A durable event as it travels over pub/sub: marker, epoch, position, payload.
+pub fn encode_durable(epoch: &str, pos: Position, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(MARKER.len() + epoch.len() + 48 + payload.len());
+    out.extend_from_slice(MARKER);
+    out.extend_from_slice(epoch.as_bytes());
+    out.push(0);
+    out.extend_from_slice(pos.to_string().as_bytes());
+    out.push(0);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Splits a pub/sub message into (epoch, position, payload) when it is a durable event.
+pub fn decode_durable(message: &[u8]) -> Option<(&str, Position, &[u8])> {
+    let rest = message.strip_prefix(MARKER)?;
+    let e = rest.iter().position(|&b| b == 0)?;
+    let epoch = std::str::from_utf8(&rest[..e]).ok()?;
+    let rest = &rest[e + 1..];
+    let p = rest.iter().position(|&b| b == 0)?;
+    let pos = Position::parse(std::str::from_utf8(&rest[..p]).ok()?)?;
+    Some((epoch, pos, &rest[p + 1..]))
+}
+
+/// FNV-1a of a channel name: the tag that ties a cursor position to its channel.
+fn channel_tag(channel: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in channel.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// A `Last-Event-ID` that is not a cursor of this gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadCursor;
+
+/// Longest cursor accepted from a client.
+pub const MAX_CURSOR_BYTES: usize = 4096;
+
+/// A stream's position in each of its channels: what `id:` carries and `Last-Event-ID` returns.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Cursor {
+    /// (channel, mark), in the stream's channel order.
+    pub marks: Vec<(Arc<str>, Mark)>,
+}
+
+impl Cursor {
+    /// The text form: `<tag>.<epoch>.<ms>-<seq>` per channel, joined by `_`.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(self.marks.len() * 40);
+        for (i, (channel, mark)) in self.marks.iter().enumerate() {
+            if i > 0 {
+                out.push('_');
+            }
+            let _ = write!(
+                out,
+                "{:08x}.{}.{}",
+                channel_tag(channel),
+                mark.epoch,
+                mark.pos
+            );
+        }
+        out
+    }
+
+    /// Reads a client's cursor for these channels: the mark of each channel it carries, or
+    /// `None` for a channel it does not know. `Err` when the text is not a cursor at all.
+    pub fn decode(text: &str, channels: &[String]) -> Result<Vec<Option<Mark>>, BadCursor> {
+        if text.is_empty() || text.len() > MAX_CURSOR_BYTES {
+            return Err(BadCursor);
+        }
+        let mut parsed: Vec<(u32, Mark)> = Vec::new();
+        for part in text.split('_') {
+            let mut fields = part.split('.');
+            let (Some(tag), Some(epoch), Some(pos), None) =
+                (fields.next(), fields.next(), fields.next(), fields.next())
+            else {
+                return Err(BadCursor);
+            };
+            if tag.len() != 8 || epoch.is_empty() || epoch.len() > 32 {
+                return Err(BadCursor);
+            }
+            if !epoch.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return Err(BadCursor);
+            }
+            let tag = u32::from_str_radix(tag, 16).map_err(|_| BadCursor)?;
+            let pos = Position::parse(pos).ok_or(BadCursor)?;
+            parsed.push((
+                tag,
+                Mark {
+                    epoch: epoch.to_string(),
+                    pos,
+                },
+            ));
+        }
+        Ok(channels
+            .iter()
+            .map(|c| {
+                let tag = channel_tag(c);
+                parsed
+                    .iter()
+                    .find(|(t, _)| *t == tag)
+                    .map(|(_, m)| m.clone())
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn durable_messages_round_trip() {
+        let pos = Position { ms: 17, seq: 3 };
+        let m = encode_durable("ab12", pos, b"{\"data\":1}");
+        assert_eq!(
+            decode_durable(&m),
+            Some(("ab12", pos, &b"{\"data\":1}"[..]))
+        );
+        assert_eq!(decode_durable(b"plain"), None);
+        assert_eq!(decode_durable(b"\0D1\0x"), None);
+    }
+
+    #[test]
+    fn cursors_round_trip_and_refuse_garbage() {
+        let c = Cursor {
+            marks: vec![
+                (
+                    "a".into(),
+                    Mark {
+                        epoch: "e1".into(),
+                        pos: Position { ms: 5, seq: 0 },
+                    },
+                ),
+                ("b".into(), Mark::empty()),
+            ],
+        };
+        let text = c.encode();
+        let back = Cursor::decode(&text, &["b".into(), "a".into(), "z".into()]).unwrap();
+        assert_eq!(back[0], Some(Mark::empty()));
+        assert_eq!(back[1], Some(c.marks[0].1.clone()));
+        assert_eq!(back[2], None);
+        for bad in [
+            "",
+            "x",
+            "1.2.3",
+            "zzzzzzzz.e.1-1",
+            "0000000a.e.1-",
+            "0000000a..1-1",
+            "0000000a.e!.1-1",
+        ] {
+            assert!(Cursor::decode(bad, &["a".into()]).is_err(), "{bad:?}");
+        }
+        assert!(Cursor::decode(&"0".repeat(5000), &["a".into()]).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_never_panics(s in ".{0,300}") {
+            let _ = Cursor::decode(&s, &["a".to_string(), "b".to_string()]);
+        }
+
+        #[test]
+        fn decode_inverts_encode(ms in any::<u64>(), seq in any::<u64>(), epoch in "[a-z0-9]{1,16}", ch in "[a-z]{1,10}") {
+            let c = Cursor { marks: vec![(ch.as_str().into(), Mark { epoch: epoch.clone(), pos: Position { ms, seq } })] };
+            let back = Cursor::decode(&c.encode(), std::slice::from_ref(&ch)).unwrap();
+            prop_assert_eq!(back, vec![Some(Mark { epoch, pos: Position { ms, seq } })]);
+        }
+    }
+}
