@@ -1,5 +1,5 @@
 -- Reads a channel's history after a position, and says whether it still reaches back there.
--- KEYS[1] the history stream, KEYS[2] its epoch key
+-- KEYS[1] the history stream, KEYS[2] its epoch key, KEYS[3] the newest trimmed position
 -- ARGV[1] the cursor's epoch ('*': any), ARGV[2] its position (ms-seq), ARGV[3] page size,
 -- ARGV[4] the epoch that means "no history yet"
 -- Returns { current epoch, gap (0/1), entries }.
@@ -17,11 +17,14 @@ if not epoch then
   if ARGV[1] ~= ARGV[4] and ARGV[1] ~= '*' then gap = 1 end
   return { ARGV[4], gap, {} }
 end
-local max_deleted = '0-0'
+local max_deleted = redis.call('GET', KEYS[3]) or '0-0'
 if redis.call('EXISTS', KEYS[1]) == 1 then
+  -- Entries an operator removed with XDEL count as lost too.
   local info = redis.call('XINFO', 'STREAM', KEYS[1])
   for i = 1, #info, 2 do
-    if info[i] == 'max-deleted-entry-id' then max_deleted = info[i + 1] end
+    if info[i] == 'max-deleted-entry-id' and cmp(info[i + 1], max_deleted) > 0 then
+      max_deleted = info[i + 1]
+    end
   end
 end
 local start = ARGV[2]

@@ -34,6 +34,9 @@ local function publish(keys, args)
   if not channel then
     return redis.error_reply('ERR the key must be {c:<channel>}, for example {c:orders}')
   end
+  if #channel > 200 or string.find(channel, '[^!-~]') or string.find(channel, '[%*,]') then
+    return redis.error_reply('ERR the channel in {c:<channel>} must be 1-200 printable ASCII characters without space * , { }')
+  end
   local payload = args[1]
   if payload == nil then
     return redis.error_reply('ERR give the payload after the key')
@@ -50,9 +53,18 @@ local function publish(keys, args)
     epoch = string.format('%x%05x', tonumber(t[1]), tonumber(t[2]))
     redis.call('SET', epoch_key, epoch)
   end
+  -- Remember the newest position trimming removes, so that a reader whose cursor is older
+  -- knows it missed events (XINFO's max-deleted-entry-id does not count trimming).
+  local trimmed_key = PREFIX .. tag .. ':trimmed'
+  local length = redis.call('XLEN', history)
+  if length >= MAXLEN then
+    local going = redis.call('XRANGE', history, '-', '+', 'COUNT', length - MAXLEN + 1)
+    redis.call('SET', trimmed_key, going[#going][1])
+  end
   local id = redis.call('XADD', history, 'MAXLEN', MAXLEN, '*', 'p', payload)
   redis.call('PEXPIRE', history, TTL_MS)
   redis.call('PEXPIRE', epoch_key, TTL_MS)
+  if redis.call('EXISTS', trimmed_key) == 1 then redis.call('PEXPIRE', trimmed_key, TTL_MS) end
   redis.call('PUBLISH', PREFIX .. channel, '\0D1\0' .. epoch .. '\0' .. id .. '\0' .. payload)
   return { epoch, id }
 end

@@ -3,7 +3,8 @@
 //! Layout (hash tag on the channel, so a channel's keys share one Cluster slot):
 //! - `<prefix>{c:<channel>}:history` — STREAM, capped at `SSE_GATEWAY_HISTORY_SIZE` entries
 //!   (field `p`: the payload), expiring `SSE_GATEWAY_HISTORY_TTL_SECS` after its last event;
-//! - `<prefix>{c:<channel>}:epoch` — STRING, the history's generation, same expiry.
+//! - `<prefix>{c:<channel>}:epoch` — STRING, the history's generation, same expiry;
+//! - `<prefix>{c:<channel>}:trimmed` — STRING, the newest position trimming removed.
 //!
 //! Invariants: writes go through one Redis Function (`library.lua`), which every replica loads
 //! with its settings, so `POST /publish` and a publisher holding only `redis-cli` store and
@@ -222,6 +223,7 @@ impl History for RedisHistory {
                 let mut invocation = this.after.key(this.key(&channel, "history"));
                 invocation
                     .key(this.key(&channel, "epoch"))
+                    .key(this.key(&channel, "trimmed"))
                     .arg(&from.epoch)
                     .arg(from.pos.to_string())
                     .arg(limit)

@@ -26,6 +26,8 @@ pub fn free_port() -> u16 {
 pub struct Redis {
     pub port: u16,
     child: Option<Child>,
+    /// Data directory, when persistence is on (removed on drop).
+    dir: Option<std::path::PathBuf>,
 }
 
 impl Redis {
@@ -33,25 +35,55 @@ impl Redis {
         let mut r = Redis {
             port: free_port(),
             child: None,
+            dir: None,
+        };
+        r.spawn();
+        r
+    }
+
+    /// A Redis that keeps its data across restarts (AOF, fsync on every write).
+    pub fn start_persistent() -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "sse-gateway-test-redis-{port}-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut r = Redis {
+            port,
+            child: None,
+            dir: Some(dir),
         };
         r.spawn();
         r
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
+        let port = self.port.to_string();
+        let mut args = vec![
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--protected-mode",
+            "no",
+        ];
+        let dir = self.dir.as_ref().map(|d| d.to_string_lossy().into_owned());
+        match &dir {
+            Some(d) => args.extend([
                 "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-            ])
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                d.as_str(),
+            ]),
+            None => args.extend(["--appendonly", "no"]),
+        }
+        let child = Command::new("redis-server")
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -141,6 +173,9 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
@@ -468,6 +503,8 @@ pub struct SseClient {
     pub raw: Vec<u8>,
     parsed_upto: usize,
     pub closed: bool,
+    /// The last `id:` seen, as a browser keeps it for `Last-Event-ID`.
+    pub last_id: Option<String>,
 }
 
 impl SseClient {
@@ -518,6 +555,7 @@ impl SseClient {
             raw: Vec::new(),
             parsed_upto: 0,
             closed: false,
+            last_id: None,
         })
     }
 
@@ -578,7 +616,11 @@ impl SseClient {
             while let Some(end) = find(&self.raw[self.parsed_upto..], b"\n\n") {
                 let block = self.raw[self.parsed_upto..self.parsed_upto + end].to_vec();
                 self.parsed_upto += end + 2;
-                if let Some(ev) = parse_block(&block) {
+                let (id, ev) = parse_block(&block);
+                if id.is_some() {
+                    self.last_id = id;
+                }
+                if let Some(ev) = ev {
                     return Some(ev);
                 }
             }
@@ -587,6 +629,21 @@ impl SseClient {
                 _ => return None,
             }
         }
+    }
+
+    /// Reads until an `id:` has been seen (the cursor a new stream starts with).
+    pub async fn wait_id(&mut self, within: Duration) -> String {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.last_id.is_none() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no id: line arrived; got {:?}",
+                self.text()
+            );
+            let _ = self.next_event(left.min(Duration::from_millis(100))).await;
+        }
+        self.last_id.clone().unwrap_or_default()
     }
 
     /// Whether the server ends the stream within `within` (events on the way are kept).
@@ -613,7 +670,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-fn parse_block(block: &[u8]) -> Option<SseEvent> {
+fn parse_block(block: &[u8]) -> (Option<String>, Option<SseEvent>) {
     let text = String::from_utf8_lossy(block);
     let mut ev = SseEvent::default();
     let mut data: Option<Vec<String>> = None;
@@ -633,6 +690,12 @@ fn parse_block(block: &[u8]) -> Option<SseEvent> {
         }
     }
     // Data lines join with LF, as the WHATWG parser does.
-    ev.data = data?.join("\n");
-    Some(ev)
+    let id = ev.id.clone();
+    match data {
+        Some(lines) => {
+            ev.data = lines.join("\n");
+            (id, Some(ev))
+        }
+        None => (id, None),
+    }
 }

@@ -1,0 +1,394 @@
+//! Durable events and resume: what a client that reconnects (often to another replica) gets.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::*;
+
+const T: Duration = Duration::from_secs(10);
+
+async fn publish(gw: &Gateway, channel: &str, data: &str) {
+    let r = gw
+        .publish(
+            &publisher_token(),
+            &json!({"channel": channel, "data": data}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+}
+
+fn fcall(redis: &Redis, channel: &str, payload: &str) -> Result<Vec<String>, redis::RedisError> {
+    let mut conn = redis::Client::open(redis.url())?.get_connection()?;
+    redis::cmd("FCALL")
+        .arg("sse_publish")
+        .arg(1)
+        .arg(format!("{{c:{channel}}}"))
+        .arg(payload)
+        .query(&mut conn)
+}
+
+async fn open(gw: &Gateway, channels: &[&str], last_id: Option<&str>) -> SseClient {
+    let tok = client_token("alice", channels);
+    let auth = format!("Bearer {tok}");
+    let query: Vec<String> = channels.iter().map(|c| format!("channel={c}")).collect();
+    let path = format!("/events?{}", query.join("&"));
+    let mut headers = vec![("Authorization", auth.as_str())];
+    if let Some(id) = last_id {
+        headers.push(("Last-Event-ID", id));
+    }
+    SseClient::open_with(gw.client, &path, &headers)
+        .await
+        .unwrap_or_else(|r| panic!("{}: {}", r.status, r.text()))
+}
+
+/// The resume contract, for any pair of replicas (the same one twice in single-replica mode).
+async fn resume_contract(a: &Gateway, b: &Gateway) {
+    let mut c = open(a, &["orders"], None).await;
+    c.wait_id(T).await;
+    publish(a, "orders", "before").await;
+    let ev = c.next_event(T).await.unwrap();
+    assert_eq!(ev.data, "before");
+    assert!(ev.id.is_some(), "durable events carry an id");
+    let last = c.last_id.clone().unwrap();
+    drop(c);
+    for i in 0..100 {
+        publish(b, "orders", &format!("e{i}")).await;
+    }
+    let mut c = open(b, &["orders"], Some(&last)).await;
+    for i in 0..100 {
+        let ev = c.next_event(T).await.expect("missed event");
+        assert_eq!(ev.event, None, "no gap expected");
+        assert_eq!(ev.data, format!("e{i}"));
+    }
+    publish(a, "orders", "live").await;
+    assert_eq!(c.next_event(T).await.unwrap().data, "live");
+    assert!(
+        c.next_event(Duration::from_millis(300)).await.is_none(),
+        "a duplicate arrived"
+    );
+}
+
+#[tokio::test]
+async fn resume_on_another_replica_gets_exactly_what_was_missed() {
+    let redis = Redis::start();
+    let a = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);
+    let b = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);
+    a.wait_ready(true, T).await;
+    b.wait_ready(true, T).await;
+    resume_contract(&a, &b).await;
+}
+
+#[tokio::test]
+async fn single_replica_mode_resumes_the_same_way() {
+    let gw = Gateway::start(&[]);
+    resume_contract(&gw, &gw).await;
+}
+
+#[tokio::test]
+async fn a_three_channel_stream_resumes_every_channel() {
+    let redis = Redis::start();
+    let a = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);
+    let b = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);
+    a.wait_ready(true, T).await;
+    b.wait_ready(true, T).await;
+    let chans = ["x", "y", "z"];
+    let mut c = open(&a, &chans, None).await;
+    publish(&a, "y", "y-before").await;
+    assert_eq!(c.next_event(T).await.unwrap().data, "y-before");
+    let last = c.last_id.clone().unwrap();
+    drop(c);
+    for i in 0..99 {
+        let ch = chans[i % 3];
+        publish(&b, ch, &format!("{ch}-{i}")).await;
+    }
+    let mut c = open(&b, &chans, Some(&last)).await;
+    let mut got: Vec<String> = Vec::new();
+    for _ in 0..99 {
+        let ev = c.next_event(T).await.expect("missed event");
+        assert_eq!(ev.event, None, "no gap expected: {ev:?}");
+        got.push(ev.data);
+    }
+    for ch in chans {
+        let mine: Vec<&String> = got.iter().filter(|d| d.starts_with(ch)).collect();
+        let expected: Vec<String> = (0..99)
+            .filter(|i| chans[i % 3] == ch)
+            .map(|i| format!("{ch}-{i}"))
+            .collect();
+        assert_eq!(mine, expected.iter().collect::<Vec<_>>(), "channel {ch}");
+    }
+    for ch in chans {
+        publish(&a, ch, &format!("{ch}-live")).await;
+        assert_eq!(c.next_event(T).await.unwrap().data, format!("{ch}-live"));
+    }
+    // The id of the last event resumes all three channels: nothing more to replay.
+    let last = c.last_id.clone().unwrap();
+    drop(c);
+    let mut c = open(&a, &chans, Some(&last)).await;
+    assert!(c.next_event(Duration::from_millis(300)).await.is_none());
+}
+
+#[tokio::test]
+async fn reconnecting_while_a_publisher_runs_flat_out_loses_and_repeats_nothing() {
+    let redis = Redis::start();
+    let a = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);
+    let b = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);
+    a.wait_ready(true, T).await;
+    b.wait_ready(true, T).await;
+    let mut c = open(&a, &["flood"], None).await;
+    c.wait_id(T).await;
+    let total = 2000;
+    let url = redis.url();
+    let publisher = std::thread::spawn(move || {
+        let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+        for i in 0..total {
+            let _: Vec<String> = redis::cmd("FCALL")
+                .arg("sse_publish")
+                .arg(1)
+                .arg("{c:flood}")
+                .arg(format!("{i}"))
+                .query(&mut conn)
+                .unwrap();
+        }
+    });
+    let mut got: Vec<u32> = Vec::new();
+    let mut ids: Vec<String> = Vec::new();
+    while got.len() < 300 {
+        let ev = c.next_event(T).await.expect("event");
+        got.push(ev.data.parse().unwrap());
+        ids.push(ev.id.unwrap());
+    }
+    let last = c.last_id.clone().unwrap();
+    drop(c);
+    let mut c = open(&b, &["flood"], Some(&last)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.len() < total as usize {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {total} arrived",
+            got.len()
+        );
+        let ev = c.next_event(T).await.expect("event");
+        assert_ne!(ev.event.as_deref(), Some("gateway.gap"));
+        got.push(ev.data.parse().unwrap());
+        ids.push(ev.id.unwrap());
+    }
+    publisher.join().unwrap();
+    assert_eq!(
+        got,
+        (0..total).collect::<Vec<u32>>(),
+        "every event once, in order"
+    );
+    let mut unique = ids.clone();
+    unique.dedup();
+    assert_eq!(unique.len(), ids.len(), "every id once");
+}
+
+#[tokio::test]
+async fn trimmed_history_is_an_honest_gap_then_what_is_left() {
+    let redis = Redis::start();
+    let gw = Gateway::start(&[
+        ("SSE_GATEWAY_REDIS_URL", &redis.url()),
+        ("SSE_GATEWAY_HISTORY_SIZE", "10"),
+    ]);
+    gw.wait_ready(true, T).await;
+    trimmed_contract(&gw).await;
+}
+
+#[tokio::test]
+async fn single_replica_mode_reports_trimmed_history_the_same_way() {
+    let gw = Gateway::start(&[("SSE_GATEWAY_HISTORY_SIZE", "10")]);
+    trimmed_contract(&gw).await;
+}
+
+async fn trimmed_contract(gw: &Gateway) {
+    let mut c = open(gw, &["t"], None).await;
+    publish(gw, "t", "first").await;
+    assert_eq!(c.next_event(T).await.unwrap().data, "first");
+    let last = c.last_id.clone().unwrap();
+    drop(c);
+    for i in 0..50 {
+        publish(gw, "t", &format!("e{i}")).await;
+    }
+    let mut c = open(gw, &["t"], Some(&last)).await;
+    let gap = c.next_event(T).await.unwrap();
+    assert_eq!(gap.event.as_deref(), Some("gateway.gap"));
+    for i in 40..50 {
+        assert_eq!(c.next_event(T).await.unwrap().data, format!("e{i}"));
+    }
+    publish(gw, "t", "live").await;
+    assert_eq!(c.next_event(T).await.unwrap().data, "live");
+    assert!(
+        c.next_event(Duration::from_millis(200)).await.is_none(),
+        "only one gap"
+    );
+}
+
+#[tokio::test]
+async fn redis_restarted_empty_is_a_gap() {
+    let mut redis = Redis::start();
+    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);
+    gw.wait_ready(true, T).await;
+    let mut c = open(&gw, &["r"], None).await;
+    publish(&gw, "r", "first").await;
+    assert_eq!(c.next_event(T).await.unwrap().data, "first");
+    let last = c.last_id.clone().unwrap();
+    drop(c);
+    redis.restart();
+    gw.wait_ready(true, T).await;
+    publish(&gw, "r", "after").await;
+    let mut c = open(&gw, &["r"], Some(&last)).await;
+    assert_eq!(
+        c.next_event(T).await.unwrap().event.as_deref(),
+        Some("gateway.gap")
+    );
+    assert_eq!(c.next_event(T).await.unwrap().data, "after");
+}
+
+#[tokio::test]
+async fn redis_restarted_with_its_data_loses_nothing() {
+    let mut redis = Redis::start_persistent();
+    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);
+    gw.wait_ready(true, T).await;
+    let mut c = open(&gw, &["p"], None).await;
+    publish(&gw, "p", "first").await;
+    assert_eq!(c.next_event(T).await.unwrap().data, "first");
+    let last = c.last_id.clone().unwrap();
+    drop(c);
+    for i in 0..20 {
+        publish(&gw, "p", &format!("e{i}")).await;
+    }
+    redis.restart();
+    gw.wait_ready(true, T).await;
+    let mut c = open(&gw, &["p"], Some(&last)).await;
+    for i in 0..20 {
+        let ev = c.next_event(T).await.unwrap();
+        assert_eq!(ev.data, format!("e{i}"), "{ev:?}");
+    }
+    assert!(c.next_event(Duration::from_millis(300)).await.is_none());
+}
+
+#[tokio::test]
+async fn hostile_ids_get_a_gap_or_400_never_a_5xx() {
+    let gw = Gateway::start(&[]);
+    let mut other = open(&gw, &["other"], None).await;
+    publish(&gw, "other", "x").await;
+    other.next_event(T).await.unwrap();
+    let foreign = other.last_id.clone().unwrap();
+    let long = "7".repeat(20_000);
+    let ids = [
+        "garbage",
+        "00000000.e.1-1",
+        "ffffffff.zz.99999999999999999999999-1",
+        long.as_str(),
+        foreign.as_str(),
+        "a_b_c_d",
+        "..",
+    ];
+    let tok = client_token("alice", &["mine"]);
+    let auth = format!("Bearer {tok}");
+    for id in ids {
+        let r = SseClient::open_with(
+            gw.client,
+            "/events?channel=mine",
+            &[("Authorization", &auth), ("Last-Event-ID", id)],
+        )
+        .await;
+        match r {
+            Ok(mut c) => {
+                let ev = c.next_event(T).await.expect("gap event");
+                assert_eq!(ev.event.as_deref(), Some("gateway.gap"), "{id:.40}");
+            }
+            Err(reply) => assert!(
+                reply.status == 400 || reply.status == 431,
+                "{id:.40}: {}",
+                reply.status
+            ),
+        }
+    }
+    for q in ["%00", "%FF%FE", "%E2%80%AE"] {
+        let mut c = SseClient::open(
+            gw.client,
+            &format!("/events?channel=mine&last_event_id={q}"),
+            Some(&tok),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            c.next_event(T).await.unwrap().event.as_deref(),
+            Some("gateway.gap")
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_readme_redis_cli_example_publishes_durably() {
+    let redis = Redis::start();
+    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);
+    gw.wait_ready(true, T).await;
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let line = readme
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("redis-cli FCALL sse_publish"))
+        .expect("the README shows a redis-cli FCALL example");
+    let mut c = open(&gw, &["orders"], None).await;
+    c.wait_id(T).await;
+    let command = line.replacen("redis-cli", &format!("redis-cli -p {}", redis.port), 1);
+    let out = std::process::Command::new("sh")
+        .args(["-c", &command])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ev = c.next_event(T).await.unwrap();
+    assert_eq!(ev.event.as_deref(), Some("created"));
+    assert_eq!(ev.data, r#"{"id":42}"#);
+    assert!(ev.id.is_some());
+    // Bad input through the function is refused by Redis with a clear error, and not stored.
+    let err = fcall(&redis, "orders", r#"{"event":"gateway.x","data":1}"#).unwrap_err();
+    assert!(err.to_string().contains("reserved"), "{err}");
+    let err = fcall(&redis, "bad name", "x").unwrap_err();
+    assert!(err.to_string().contains("{c:"), "{err}");
+}
+
+#[tokio::test]
+async fn durable_events_published_during_a_pubsub_drop_are_filled_from_history() {
+    let redis = Redis::start();
+    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);
+    gw.wait_ready(true, T).await;
+    let mut c = open(&gw, &["fill"], None).await;
+    c.wait_id(T).await;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut conn)
+        .unwrap();
+    for i in 0..20 {
+        fcall(&redis, "fill", &i.to_string()).unwrap();
+    }
+    for i in 0..20 {
+        let ev = c.next_event(T).await.expect("filled event");
+        assert_eq!(ev.data, i.to_string());
+    }
+    assert!(
+        c.next_event(Duration::from_millis(300)).await.is_none(),
+        "a duplicate arrived"
+    );
+    // Raw publishes stay fire-and-forget and do not move the cursor.
+    let before = c.last_id.clone();
+    redis.publish("sse:fill", b"raw");
+    let ev = c.next_event(T).await.unwrap();
+    assert_eq!((ev.data.as_str(), ev.id), ("raw", None));
+    assert_eq!(c.last_id, before);
+}
