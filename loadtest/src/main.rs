@@ -43,6 +43,41 @@ enum Scenario {
         #[command(flatten)]
         common: Common,
     },
+    /// Durable publish throughput: POST /publish over keep-alive connections, or FCALL on Redis.
+    Publish {
+        #[command(flatten)]
+        common: Common,
+        /// `http` (POST /publish on the targets) or `redis` (FCALL on --redis-url).
+        #[arg(long, default_value = "http")]
+        via: String,
+        /// Redis for `--via redis`.
+        #[arg(long, default_value = "redis://127.0.0.1:6379")]
+        redis_url: String,
+        /// Function name for `--via redis`.
+        #[arg(long, default_value = "sse_publish")]
+        function: String,
+        /// Events to publish in all.
+        #[arg(long, default_value_t = 20000)]
+        events: usize,
+        /// Publishers working at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+    },
+    /// Resume latency: a stream misses N durable events, reconnects with its id, and is timed
+    /// until the last one arrives.
+    Resume {
+        #[command(flatten)]
+        common: Common,
+        /// Redis the replicas use (events are published with FCALL).
+        #[arg(long, default_value = "redis://127.0.0.1:6379")]
+        redis_url: String,
+        /// Events missed.
+        #[arg(long, default_value_t = 1000)]
+        missed: usize,
+        /// Rounds to time.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// N streams on one channel; publish through Redis; report delivery latency.
     Broadcast {
         #[command(flatten)]
@@ -426,10 +461,217 @@ async fn connect_latency(common: Common) {
     );
 }
 
+fn mint_publisher(secret: &str) -> String {
+    let claims = serde_json::json!({
+        "sub": "loadtest-publisher",
+        "exp": unix_nanos() / 1_000_000_000 + 86_400,
+        "publish": ["*"],
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("HS256 signing cannot fail")
+}
+
+/// Sends one POST /publish on a keep-alive connection and reads the answer; the status.
+async fn post_publish(
+    tcp: &mut TcpStream,
+    target: SocketAddr,
+    token: &str,
+    body: &str,
+    buf: &mut Vec<u8>,
+) -> Result<u16, String> {
+    let req = format!(
+        "POST /publish HTTP/1.1\r\nHost: {target}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    buf.clear();
+    let mut chunk = [0u8; 2048];
+    loop {
+        let n = tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if buf.len() >= end + 4 + len {
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            return Ok(status);
+        }
+    }
+}
+
+async fn publish_throughput(
+    common: Common,
+    via: String,
+    redis_url: String,
+    function: String,
+    events: usize,
+    concurrency: usize,
+) {
+    let per = events / concurrency.max(1);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..concurrency.max(1) {
+        let target = common.targets[w % common.targets.len()];
+        let channel = common.channel.clone();
+        let token = mint_publisher(&common.secret);
+        let via = via.clone();
+        let redis_url = redis_url.clone();
+        let function = function.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0usize;
+            if via == "redis" {
+                let client = redis::Client::open(redis_url.as_str()).expect("--redis-url");
+                let mut conn = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("connect to Redis");
+                for i in 0..per {
+                    let r: Result<Vec<String>, _> = redis::cmd("FCALL")
+                        .arg(&function)
+                        .arg(1)
+                        .arg(format!("{{c:{channel}}}"))
+                        .arg(format!("{{\"data\":\"w{w}-{i}\"}}"))
+                        .query_async(&mut conn)
+                        .await;
+                    ok += usize::from(r.is_ok());
+                }
+            } else {
+                let mut tcp = TcpStream::connect(target).await.expect("connect");
+                let _ = tcp.set_nodelay(true);
+                let mut buf = Vec::new();
+                for i in 0..per {
+                    let body = format!("{{\"channel\":\"{channel}\",\"data\":\"w{w}-{i}\"}}");
+                    if let Ok(202) = post_publish(&mut tcp, target, &token, &body, &mut buf).await {
+                        ok += 1;
+                    }
+                }
+            }
+            ok
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap_or(0);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "durable publish via {via}: {ok} of {} accepted in {secs:.2}s = {:.0} events/s ({} publishers)",
+        per * concurrency.max(1),
+        ok as f64 / secs,
+        concurrency
+    );
+}
+
+async fn resume_latency(common: Common, redis_url: String, missed: usize, rounds: usize) {
+    let client = redis::Client::open(redis_url.as_str()).expect("--redis-url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis");
+    let target = common.targets[0];
+    let token = mint(&common.secret, "resume", &common.channel);
+    let mut times = Vec::new();
+    for round in 0..rounds {
+        // Publish one event and take its id from a first stream.
+        let stream = open(target, None, &token, &common.channel)
+            .await
+            .expect("stream");
+        let r: Vec<String> = redis::cmd("FCALL")
+            .arg("sse_publish")
+            .arg(1)
+            .arg(format!("{{c:{}}}", common.channel))
+            .arg("mark")
+            .query_async(&mut conn)
+            .await
+            .expect("FCALL");
+        drop(stream);
+        // The single-channel cursor: channel tag, epoch, position (what POST /publish returns).
+        let cursor = format!("{:08x}.{}.{}", fnv(&common.channel), r[0], r[1]);
+        for i in 0..missed {
+            let _: Vec<String> = redis::cmd("FCALL")
+                .arg("sse_publish")
+                .arg(1)
+                .arg(format!("{{c:{}}}", common.channel))
+                .arg(format!("{round}-{i}"))
+                .query_async(&mut conn)
+                .await
+                .expect("FCALL");
+        }
+        let t0 = Instant::now();
+        let mut tcp = connect(target, None).await.expect("connect");
+        let req = format!(
+            "GET /events?channel={} HTTP/1.1\r\nHost: {target}\r\nAuthorization: Bearer {token}\r\nLast-Event-ID: {cursor}\r\n\r\n",
+            common.channel
+        );
+        tcp.write_all(req.as_bytes()).await.expect("write");
+        let last = format!("data: {round}-{}\n", missed - 1);
+        let mut seen = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = tcp.read(&mut buf).await.expect("read");
+            assert!(n > 0, "stream closed before the last missed event");
+            seen.extend_from_slice(&buf[..n]);
+            if seen.windows(last.len()).any(|w| w == last.as_bytes()) {
+                break;
+            }
+        }
+        times.push(t0.elapsed());
+    }
+    times.sort();
+    println!(
+        "resume of {missed} missed events (connect to last event), {rounds} rounds: min {:.1} ms, median {:.1} ms, max {:.1} ms",
+        times[0].as_secs_f64() * 1000.0,
+        times[times.len() / 2].as_secs_f64() * 1000.0,
+        times[times.len() - 1].as_secs_f64() * 1000.0
+    );
+}
+
+fn fnv(s: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in s.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
 #[tokio::main]
 async fn main() {
     match Cli::parse().command {
         Scenario::Connect { common } => connect_latency(common).await,
+        Scenario::Publish {
+            common,
+            via,
+            redis_url,
+            function,
+            events,
+            concurrency,
+        } => publish_throughput(common, via, redis_url, function, events, concurrency).await,
+        Scenario::Resume {
+            common,
+            redis_url,
+            missed,
+            rounds,
+        } => resume_latency(common, redis_url, missed, rounds).await,
         Scenario::Idle { common, hold_secs } => idle(common, Duration::from_secs(hold_secs)).await,
         Scenario::Broadcast {
             common,
