@@ -5,7 +5,8 @@
 //! ```text
 //! Redis  ->  broker/redis.rs  ->  broker::dispatch -> hub.rs  ->  sse/stream.rs  ->  hyper  ->  socket
 //! client ->  server.rs -> router.rs -> sse/mod.rs (auth, limits, subscribe) -> sse/stream.rs
-//! POST /publish -> publish.rs -> broker (Redis PUBLISH, or memory) -> the first line, on every replica
+//! POST /publish -> publish.rs -> history (FCALL: store + PUBLISH in one step) -> the first line
+//! resume  -> sse/resume.rs: subscribe first, replay history after the cursor, then live (dedup)
 //! ```
 //!
 //! An event is parsed once (`event.rs`, the envelope rule), encoded once (`sse/frame.rs`) into

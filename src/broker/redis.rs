@@ -322,6 +322,8 @@ impl Manager {
                     for c in due {
                         pending_unsubscribe.remove(&c);
                         if !self.hub.has_channel(&c) && subscribed.remove(&c) {
+                            // No local stream needs this channel's history mark any more.
+                            lock(&self.last_seen).remove(&c);
                             gone.push(c);
                         }
                     }
