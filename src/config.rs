@@ -31,6 +31,22 @@ pub struct Cli {
 pub enum Command {
     /// Print a signed token made with the configured key.
     Token(TokenArgs),
+    /// Show where a user's streams are held, or which replicas serve a channel (reads Redis).
+    Inspect(InspectArgs),
+}
+
+/// What `sse-gateway inspect` looks at.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A user (`sub`): its slots, on which replicas, and their leases.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// A channel: which replicas are subscribed, with their local stream counts.
+    #[arg(long)]
+    pub channel: Option<String>,
+    /// Also ask each replica holding the user's slots for its connections.
+    #[arg(long)]
+    pub details: bool,
 }
 
 /// What `sse-gateway token` puts in the token it prints.

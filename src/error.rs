@@ -68,7 +68,8 @@ impl ApiError {
         }
     }
 
-    fn message(&self) -> String {
+    /// What the caller is told (never a token).
+    pub fn message(&self) -> String {
         match self {
             ApiError::BadRequest(m)
             | ApiError::Unauthorized(m)

@@ -86,10 +86,31 @@ impl CloseReason {
     }
 }
 
+/// What operators see of a stream (`GET /connections`); never a token.
+#[derive(Debug, Clone)]
+pub struct StreamInfo {
+    /// The HTTP connection the stream rides on (also in every log line about it).
+    pub conn_id: u64,
+    /// The client's address.
+    pub remote: std::net::SocketAddr,
+    /// `HTTP/1.1` or `HTTP/2`.
+    pub protocol: &'static str,
+    /// The token's `sub`.
+    pub sub: String,
+    /// The stream's channels.
+    pub channels: Vec<String>,
+    /// When the stream opened.
+    pub opened_at: std::time::SystemTime,
+}
+
 /// The hub's handle on one open stream.
 pub struct Subscriber {
     /// Stream id, unique in this process.
     pub id: u64,
+    /// Who and what the stream is, for diagnostics and for the hub's bookkeeping.
+    pub info: StreamInfo,
+    delivered: std::sync::atomic::AtomicU64,
+    bytes_sent: std::sync::atomic::AtomicU64,
     tx: mpsc::Sender<Queued>,
     /// Cancels the HTTP connection that carries the stream: a client that does not read is
     /// never polled again, so only dropping its connection frees it.
@@ -106,10 +127,14 @@ impl Subscriber {
         id: u64,
         queue: usize,
         connection: CancellationToken,
+        info: StreamInfo,
     ) -> (Arc<Self>, mpsc::Receiver<Queued>) {
         let (tx, rx) = mpsc::channel(queue);
         let sub = Arc::new(Self {
             id,
+            info,
+            delivered: Default::default(),
+            bytes_sent: Default::default(),
             tx,
             connection,
             reason: AtomicU8::new(CloseReason::Client as u8),
@@ -117,6 +142,25 @@ impl Subscriber {
             waker: AtomicWaker::new(),
         });
         (sub, rx)
+    }
+
+    /// Counts what the stream wrote (events, bytes), for diagnostics.
+    pub fn record_write(&self, events: u64, bytes: u64) {
+        self.delivered.fetch_add(events, Ordering::Relaxed);
+        self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Events and bytes written so far.
+    pub fn written(&self) -> (u64, u64) {
+        (
+            self.delivered.load(Ordering::Relaxed),
+            self.bytes_sent.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Frames waiting in the stream's queue.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
     }
 
     /// Why the stream ended (or will end); `Client` unless something else was recorded.
@@ -300,6 +344,15 @@ impl Hub {
         lock(self.shard(channel)).contains_key(channel)
     }
 
+    /// Channels with their local subscriber counts (for diagnostics).
+    pub fn channel_counts(&self) -> Vec<(String, usize)> {
+        let mut all = Vec::with_capacity(self.channel_count());
+        for shard in self.channels.iter() {
+            all.extend(lock(shard).iter().map(|(k, v)| (k.to_string(), v.len())));
+        }
+        all
+    }
+
     /// Every channel with a local subscriber (for resubscribing after a reconnect).
     pub fn channels(&self) -> Vec<String> {
         let mut all = Vec::with_capacity(self.channel_count());
@@ -338,6 +391,17 @@ impl Hub {
 mod tests {
     use super::*;
 
+    fn info() -> StreamInfo {
+        StreamInfo {
+            conn_id: 1,
+            remote: "127.0.0.1:1".parse().unwrap(),
+            protocol: "HTTP/1.1",
+            sub: "u".into(),
+            channels: vec![],
+            opened_at: std::time::SystemTime::now(),
+        }
+    }
+
     fn frame(s: &'static str) -> Queued {
         Queued {
             bytes: Bytes::from_static(s.as_bytes()),
@@ -349,8 +413,8 @@ mod tests {
     #[tokio::test]
     async fn fan_out_and_shrink() {
         let hub = Hub::new();
-        let (a, mut ra) = Subscriber::new(1, 8, CancellationToken::new());
-        let (b, mut rb) = Subscriber::new(2, 8, CancellationToken::new());
+        let (a, mut ra) = Subscriber::new(1, 8, CancellationToken::new(), info());
+        let (b, mut rb) = Subscriber::new(2, 8, CancellationToken::new(), info());
         let chans = vec!["x".to_string(), "y".to_string()];
         assert_eq!(hub.subscribe(&a, &chans), chans);
         assert!(hub.subscribe(&b, &chans[..1]).is_empty());
@@ -371,7 +435,7 @@ mod tests {
     async fn a_full_queue_cuts_the_subscriber_off() {
         let hub = Hub::new();
         let conn = CancellationToken::new();
-        let (a, _ra) = Subscriber::new(1, 2, conn.clone());
+        let (a, _ra) = Subscriber::new(1, 2, conn.clone(), info());
         hub.subscribe(&a, &["x".to_string()]);
         assert_eq!(hub.deliver("x", &frame("1")), 1);
         assert_eq!(hub.deliver("x", &frame("2")), 1);

@@ -31,10 +31,12 @@ pub mod channel;
 pub mod config;
 pub mod cors;
 pub mod devmode;
+pub mod diagnostics;
 pub mod error;
 pub mod event;
 pub mod history;
 pub mod hub;
+pub mod inspect;
 pub mod limits;
 pub mod metrics;
 pub mod publish;
@@ -77,7 +79,8 @@ pub async fn run(
 
     let hub = Arc::new(hub::Hub::new());
     let verifier = auth::Verifier::new(&config)?;
-    let backends = broker::from_config(&config, hub.clone(), admin_addr.to_string())?;
+    let replica_id = format!("{:016x}", rand::random::<u64>());
+    let backends = broker::from_config(&config, hub.clone(), admin_addr.to_string(), &replica_id)?;
     if config.single_replica() {
         tracing::warn!("SSE_GATEWAY_REDIS_URL is unset: single-replica mode with an in-process broker; do not run more than one replica like this");
     }
@@ -94,6 +97,7 @@ pub async fn run(
         verifier,
         backends.limiter,
         backends.history,
+        replica_id.clone(),
     ));
     let stop = CancellationToken::new();
     tokio::spawn(server::serve_client(client, state.clone(), stop.clone()));
@@ -103,7 +107,7 @@ pub async fn run(
         exporter,
         stop.clone(),
     ));
-    tracing::info!(client = %client_addr, admin = %admin_addr, "listening");
+    tracing::info!(client = %client_addr, admin = %admin_addr, replica = %replica_id, "listening");
 
     shutdown.await;
     shutdown::drain(&state).await;

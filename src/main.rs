@@ -4,10 +4,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use sse_gateway::auth::{mint, Claims};
-use sse_gateway::config::{Cli, Command, Config, LogFormat, TokenArgs};
+use sse_gateway::config::{Cli, Command, Config, InspectArgs, LogFormat, Settings, TokenArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Inspect(args)) = &cli.command {
+        return inspect(&cli.settings, args);
+    }
     let log_format = cli.settings.log_format;
     let log_filter = cli.settings.log.clone();
     let config = match cli.settings.into_config() {
@@ -52,6 +55,46 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+fn inspect(settings: &Settings, args: &InspectArgs) -> ExitCode {
+    let Some(url) = settings.redis_url.as_deref().filter(|u| !u.is_empty()) else {
+        eprintln!("sse-gateway inspect: set --redis-url (or SSE_GATEWAY_REDIS_URL) to the replicas' Redis");
+        return ExitCode::from(2);
+    };
+    if args.user.is_none() && args.channel.is_none() {
+        eprintln!("sse-gateway inspect: give --user <sub> and/or --channel <name>");
+        return ExitCode::from(2);
+    }
+    let query = sse_gateway::inspect::Query {
+        user: args.user.clone(),
+        channel: args.channel.clone(),
+        details: args.details,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sse-gateway inspect: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(sse_gateway::inspect::run(
+        url,
+        &settings.channel_prefix,
+        &query,
+    )) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sse-gateway inspect: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn token(config: &Config, args: TokenArgs) -> ExitCode {

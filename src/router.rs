@@ -2,22 +2,24 @@
 
 use std::sync::Arc;
 
+use crate::server::ConnInfo;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Body;
-use tokio_util::sync::CancellationToken;
 
 use crate::body::GatewayBody;
 use crate::cors;
+use crate::diagnostics::{self, Filter};
 use crate::error::ApiError;
 use crate::metrics::Exporter;
+use crate::request::query_pairs;
 use crate::state::AppState;
 
 /// Routes a request on the client port.
 pub async fn client<B>(
     state: Arc<AppState>,
     req: Request<B>,
-    connection: CancellationToken,
+    connection: ConnInfo,
 ) -> Response<GatewayBody>
 where
     B: Body<Data = Bytes>,
@@ -84,7 +86,22 @@ pub fn admin<B>(
             exporter.map(Exporter::render).unwrap_or_default(),
             "text/plain; version=0.0.4",
         ),
-        ("/healthz" | "/readyz" | "/metrics", _) => {
+        ("/connections", &Method::GET) => {
+            let filter = Filter::from_query(&query_pairs(req.uri()));
+            let body = diagnostics::connections(&state.hub, &state.replica_id, &filter);
+            plain(StatusCode::OK, body.to_string(), "application/json")
+        }
+        ("/channels", &Method::GET) => {
+            let filter = Filter::from_query(&query_pairs(req.uri()));
+            let body = diagnostics::channels(&state.hub, &state.replica_id, &filter);
+            plain(StatusCode::OK, body.to_string(), "application/json")
+        }
+        ("/rejections", &Method::GET) => plain(
+            StatusCode::OK,
+            state.rejections.json(&state.replica_id).to_string(),
+            "application/json",
+        ),
+        ("/healthz" | "/readyz" | "/metrics" | "/connections" | "/channels" | "/rejections", _) => {
             ApiError::MethodNotAllowed("GET").into_response()
         }
         _ => ApiError::NotFound.into_response(),

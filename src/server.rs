@@ -21,6 +21,17 @@ use crate::metrics::Exporter;
 use crate::router;
 use crate::state::AppState;
 
+/// The HTTP connection a request arrived on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// Connection id, on every log line about it.
+    pub id: u64,
+    /// The client's address.
+    pub remote: std::net::SocketAddr,
+    /// Cancels the whole connection (the slow-consumer cut).
+    pub kill: CancellationToken,
+}
+
 /// Largest HTTP/1.1 read or write buffer per connection (also bounds request headers).
 const MAX_BUF: usize = 64 * 1024;
 /// Time a client has to send its request headers.
@@ -85,11 +96,15 @@ pub async fn serve_client(listener: TcpListener, state: Arc<AppState>, stop: Can
         tokio::spawn(
             async move {
                 let cancel = CancellationToken::new();
-                let token = cancel.clone();
+                let conn_info = ConnInfo {
+                    id,
+                    remote,
+                    kill: cancel.clone(),
+                };
                 let service = service_fn(move |req| {
                     let state = state.clone();
-                    let token = token.clone();
-                    async move { Ok::<_, Infallible>(router::client(state, req, token).await) }
+                    let conn_info = conn_info.clone();
+                    async move { Ok::<_, Infallible>(router::client(state, req, conn_info).await) }
                 });
                 let conn = builder.serve_connection(TokioIo::new(stream), service);
                 tokio::select! {

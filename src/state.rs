@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::auth::Verifier;
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::diagnostics::Rejections;
 use crate::history::History;
 use crate::hub::Hub;
 use crate::limits::Limiter;
@@ -24,6 +25,10 @@ pub struct AppState {
     pub limiter: Arc<dyn Limiter>,
     /// Durable events, when history is on.
     pub history: Option<Arc<dyn History>>,
+    /// This replica's id (in the Redis registry, slot names and diagnostics).
+    pub replica_id: String,
+    /// Recent refusals.
+    pub rejections: Rejections,
     draining: AtomicBool,
     next_stream: AtomicU64,
 }
@@ -37,6 +42,7 @@ impl AppState {
         verifier: Verifier,
         limiter: Arc<dyn Limiter>,
         history: Option<Arc<dyn History>>,
+        replica_id: String,
     ) -> Self {
         Self {
             config,
@@ -45,6 +51,8 @@ impl AppState {
             verifier,
             limiter,
             history,
+            replica_id,
+            rejections: Rejections::default(),
             draining: AtomicBool::new(false),
             next_stream: AtomicU64::new(1),
         }

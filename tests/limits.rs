@@ -87,7 +87,13 @@ async fn the_redis_limiter_keeps_the_contract() {
     .unwrap();
     let config = cli.settings.into_config().unwrap();
     let pool = sse_gateway::broker::redis::pool(&redis.url()).unwrap();
-    let limiter = RedisLimiter::start(pool, &config, Arc::new(Hub::new()), "test".into());
+    let limiter = RedisLimiter::start(
+        pool,
+        &config,
+        Arc::new(Hub::new()),
+        "test".into(),
+        "0123456789abcdef".into(),
+    );
     let deadline = Instant::now() + T;
     while !limiter.is_ready() {
         assert!(Instant::now() < deadline, "limiter never registered");

@@ -134,6 +134,7 @@ pub fn from_config(
     config: &crate::config::Config,
     hub: Arc<Hub>,
     admin_addr: String,
+    replica_id: &str,
 ) -> Result<Backends, String> {
     let keep_history = config.history_size > 0;
     match &config.redis_url {
@@ -157,7 +158,8 @@ pub fn from_config(
             let history = keep_history.then(|| RedisHistory::new(pool.clone(), config));
             let broker =
                 redis::RedisBroker::start(url, config, hub.clone(), pool.clone(), history.clone())?;
-            let limiter = RedisLimiter::start(pool, config, hub, admin_addr);
+            let limiter =
+                RedisLimiter::start(pool, config, hub, admin_addr, replica_id.to_string());
             Ok(Backends {
                 broker: Arc::new(broker),
                 limiter: Arc::new(limiter),

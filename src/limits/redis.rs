@@ -71,8 +71,8 @@ impl RedisLimiter {
         config: &crate::config::Config,
         hub: Arc<Hub>,
         admin_addr: String,
+        replica: String,
     ) -> Self {
-        let replica = format!("{:016x}", rand::random::<u64>());
         let inner = Arc::new(Inner {
             pool,
             prefix: config.channel_prefix.clone(),

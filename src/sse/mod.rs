@@ -12,13 +12,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use tokio_util::sync::CancellationToken;
+use std::time::SystemTime;
+
+use crate::diagnostics::Rejection;
+use crate::server::ConnInfo;
 
 use crate::auth::now_secs;
 use crate::body::GatewayBody;
 use crate::channel::{self, MAX_CHANNELS_PER_STREAM};
 use crate::error::ApiError;
-use crate::hub::Subscriber;
+use crate::hub::{StreamInfo, Subscriber};
 use crate::limits::{LimitError, Slot};
 use crate::metrics as m;
 use crate::request::{bearer_token, query_pairs};
@@ -28,30 +31,49 @@ use stream::{SseStream, StreamGuard};
 /// Longest wait for the broker to confirm a subscription before the client gets 503.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Handles `GET /events`; `connection` cancels the HTTP connection the stream rides on.
+/// Handles `GET /events` on the connection `conn`.
 pub async fn events<B>(
     state: &Arc<AppState>,
     req: Request<B>,
-    connection: CancellationToken,
+    conn: ConnInfo,
 ) -> Response<GatewayBody> {
-    match open(state, req, connection).await {
+    let mut sub = None;
+    match open(state, req, &conn, &mut sub).await {
         Ok(response) => {
             metrics::counter!(m::CONNECTIONS_OPENED).increment(1);
             response
         }
         Err(e) => {
             metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => e.code()).increment(1);
-            tracing::debug!(reason = e.code(), "stream refused: {e:?}");
+            state.rejections.record(
+                &state.replica_id,
+                Rejection {
+                    at: SystemTime::now(),
+                    reason: e.code(),
+                    status: e.status().as_u16(),
+                    sub,
+                    remote: conn.remote,
+                    message: e.message(),
+                },
+            );
             e.into_response()
         }
     }
 }
 
+/// Opens the stream; `known_sub` is filled as soon as the token is verified, so that a refusal
+/// after that point can say whose it was.
 async fn open<B>(
     state: &Arc<AppState>,
     req: Request<B>,
-    connection: CancellationToken,
+    conn: &ConnInfo,
+    known_sub: &mut Option<String>,
 ) -> Result<Response<GatewayBody>, ApiError> {
+    let protocol = if req.version() == http::Version::HTTP_2 {
+        "HTTP/2"
+    } else {
+        "HTTP/1.1"
+    };
     let config = &state.config;
     if state.is_draining() {
         return Err(ApiError::Draining);
@@ -70,6 +92,7 @@ async fn open<B>(
         .subscriber(token)
         .map_err(ApiError::Unauthorized)?;
     let sub = claims.sub.clone().unwrap_or_default();
+    *known_sub = Some(sub.clone());
 
     let mut channels: Vec<String> = Vec::new();
     let mut asked = 0usize;
@@ -122,14 +145,17 @@ async fn open<B>(
             )),
             LimitError::Unavailable(why) => ApiError::Unavailable(format!("{why}; retry")),
         })?;
-    let (subscriber, rx) = Subscriber::new(stream_id, config.client_queue, connection);
-    let (guard, _first) = StreamGuard::subscribe(
-        subscriber,
+    let info = StreamInfo {
+        conn_id: conn.id,
+        remote: conn.remote,
+        protocol,
+        sub,
         channels,
-        slot,
-        state.hub.clone(),
-        state.broker.clone(),
-    );
+        opened_at: SystemTime::now(),
+    };
+    let (subscriber, rx) = Subscriber::new(stream_id, config.client_queue, conn.kill.clone(), info);
+    let (guard, _first) =
+        StreamGuard::subscribe(subscriber, slot, state.hub.clone(), state.broker.clone());
     // Ask for every channel of the stream, not only the new ones: a channel another stream
     // just added may not be confirmed yet, and the broker answers at once for confirmed ones.
     match tokio::time::timeout(

@@ -114,12 +114,12 @@ pub struct Replayer {
 }
 
 impl Replayer {
-    /// Polls the next page and renders it; `None` when replay is complete.
+    /// Polls the next page and renders it (bytes, events); `None` when replay is complete.
     pub fn poll_next(
         &mut self,
         cx: &mut Context<'_>,
         tracker: &mut Tracker,
-    ) -> Poll<Option<Bytes>> {
+    ) -> Poll<Option<(Bytes, usize)>> {
         loop {
             if self.fetching.is_none() {
                 let Some((idx, from)) = self.todo.pop_front() else {
@@ -145,7 +145,7 @@ impl Replayer {
                         "history read failed during replay: {e}; the stream gets gateway.gap"
                     );
                     self.todo.clear();
-                    return Poll::Ready(Some(gap_frame("history_unavailable")));
+                    return Poll::Ready(Some((gap_frame("history_unavailable"), 0)));
                 }
             };
             let mut out = BytesMut::new();
@@ -171,7 +171,7 @@ impl Replayer {
                 }
             }
             if !out.is_empty() {
-                return Poll::Ready(Some(out.freeze()));
+                return Poll::Ready(Some((out.freeze(), page.events.len())));
             }
         }
     }

@@ -35,7 +35,6 @@ const MAX_BATCH: usize = 64;
 pub struct StreamGuard {
     /// The hub's handle on the stream.
     pub sub: Arc<Subscriber>,
-    channels: Vec<String>,
     hub: Arc<Hub>,
     broker: Arc<dyn Broker>,
     /// Released after the subscriptions, when the guard's fields drop.
@@ -46,17 +45,15 @@ impl StreamGuard {
     /// Registers the stream in the hub; returns the guard and the channels that are new here.
     pub fn subscribe(
         sub: Arc<Subscriber>,
-        channels: Vec<String>,
         slot: Slot,
         hub: Arc<Hub>,
         broker: Arc<dyn Broker>,
     ) -> (Self, Vec<String>) {
-        let first = hub.subscribe(&sub, &channels);
+        let first = hub.subscribe(&sub, &sub.info.channels);
         metrics::gauge!(m::CONNECTIONS).increment(1.0);
         (
             Self {
                 sub,
-                channels,
                 hub,
                 broker,
                 _slot: slot,
@@ -67,13 +64,13 @@ impl StreamGuard {
 
     /// The stream's channels.
     pub fn channels(&self) -> &[String] {
-        &self.channels
+        &self.sub.info.channels
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        let emptied = self.hub.unsubscribe(self.sub.id, &self.channels);
+        let emptied = self.hub.unsubscribe(self.sub.id, &self.sub.info.channels);
         if !emptied.is_empty() {
             self.broker.released(emptied);
         }
@@ -157,6 +154,7 @@ impl SseStream {
                 return self.concat(first, second);
             }
             hot.delivered.increment(1);
+            self.guard.sub.record_write(1, first.bytes.len() as u64);
             return Some(first.bytes);
         }
         let mut buf = BytesMut::new();
@@ -168,6 +166,7 @@ impl SseStream {
             }
         }
         hot.delivered.increment(count as u64);
+        self.guard.sub.record_write(count as u64, buf.len() as u64);
         (!buf.is_empty()).then(|| buf.freeze())
     }
 
@@ -181,6 +180,7 @@ impl SseStream {
             }
         }
         m::hot().delivered.increment(count as u64);
+        self.guard.sub.record_write(count as u64, buf.len() as u64);
         (!buf.is_empty()).then(|| buf.freeze())
     }
 
@@ -227,6 +227,7 @@ impl Body for SseStream {
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
         if let Some(bytes) = this.pending.take() {
+            this.guard.sub.record_write(0, bytes.len() as u64);
             return Poll::Ready(Some(Ok(Frame::data(bytes))));
         }
         if this.done {
@@ -244,8 +245,11 @@ impl Body for SseStream {
         }
         if let (Some(replayer), Some(tracker)) = (this.replayer.as_mut(), this.tracker.as_mut()) {
             match replayer.poll_next(cx, tracker) {
-                Poll::Ready(Some(bytes)) => {
+                Poll::Ready(Some((bytes, events))) => {
                     this.last_write = Instant::now();
+                    this.guard
+                        .sub
+                        .record_write(events as u64, bytes.len() as u64);
                     return Poll::Ready(Some(Ok(Frame::data(bytes))));
                 }
                 Poll::Ready(None) => this.replayer = None,
