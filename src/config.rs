@@ -151,6 +151,27 @@ pub struct Settings {
     /// Frames a stream may have waiting before its client counts as too slow and is cut off.
     #[arg(long, env = "SSE_GATEWAY_CLIENT_QUEUE", default_value_t = 1024)]
     pub client_queue: usize,
+    /// Seconds before `exp` to send `gateway.token-expiring` (0 = off).
+    #[arg(
+        long,
+        env = "SSE_GATEWAY_TOKEN_EXPIRY_WARNING_SECS",
+        default_value_t = 0
+    )]
+    pub token_expiry_warning_secs: u64,
+    /// Close streams after about this many seconds (jittered -10%), so that clients rebalance
+    /// onto replicas added by a scale-up (0 = off).
+    #[arg(long, env = "SSE_GATEWAY_MAX_STREAM_SECS", default_value_t = 0)]
+    pub max_stream_secs: u64,
+    /// Seconds a client has to send its request headers (slow-header attacks).
+    #[arg(long, env = "SSE_GATEWAY_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_timeout_secs: u64,
+    /// Stream and publish requests being authenticated at once; more get 503 `capacity`.
+    #[arg(
+        long,
+        env = "SSE_GATEWAY_MAX_PENDING_HANDSHAKES",
+        default_value_t = 1024
+    )]
+    pub max_pending_handshakes: usize,
     /// Seconds between checks that the Redis subscription still delivers.
     #[arg(long, env = "SSE_GATEWAY_REDIS_PROBE_SECS", default_value_t = 5)]
     pub redis_probe_secs: u64,
@@ -243,6 +264,14 @@ pub struct Config {
     pub client_queue: usize,
     /// Interval of the pub/sub liveness probe.
     pub redis_probe: Duration,
+    /// Warning before token expiry (zero = off).
+    pub token_expiry_warning: Duration,
+    /// Maximum stream age (zero = off).
+    pub max_stream_age: Duration,
+    /// Time allowed for request headers.
+    pub header_timeout: Duration,
+    /// Concurrent handshakes allowed.
+    pub max_pending_handshakes: usize,
 }
 
 /// A setting that cannot be used, named the way the operator wrote it.
@@ -441,6 +470,16 @@ impl Settings {
             tls,
             client_queue: self.client_queue,
             redis_probe: Duration::from_secs(probe),
+            token_expiry_warning: Duration::from_secs(self.token_expiry_warning_secs),
+            max_stream_age: Duration::from_secs(self.max_stream_secs),
+            header_timeout: Duration::from_secs(positive(
+                "SSE_GATEWAY_HEADER_TIMEOUT_SECS",
+                self.header_timeout_secs,
+            )?),
+            max_pending_handshakes: positive(
+                "SSE_GATEWAY_MAX_PENDING_HANDSHAKES",
+                self.max_pending_handshakes as u64,
+            )? as usize,
         })
     }
 }

@@ -59,6 +59,8 @@ pub enum CloseReason {
     Error = 4,
     /// The user's slot could not be kept (this replica's lease lapsed and others filled it).
     UserLimit = 5,
+    /// The stream reached `SSE_GATEWAY_MAX_STREAM_SECS`.
+    MaxAge = 6,
 }
 
 impl CloseReason {
@@ -71,6 +73,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::Error => "error",
             CloseReason::UserLimit => "user_limit",
+            CloseReason::MaxAge => "max_age",
         }
     }
 
@@ -81,6 +84,7 @@ impl CloseReason {
             3 => CloseReason::Shutdown,
             4 => CloseReason::Error,
             5 => CloseReason::UserLimit,
+            6 => CloseReason::MaxAge,
             _ => CloseReason::Client,
         }
     }

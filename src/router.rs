@@ -41,6 +41,13 @@ where
         return ApiError::MethodNotAllowed(allowed).into_response();
     }
     let grant = cors::grant(cors_config, req.headers());
+    // Authentication and admission are where a flood costs CPU and Redis round trips: bound
+    // how many run at once. The permit is released when the handshake is answered.
+    let Ok(_permit) = state.handshakes.try_acquire() else {
+        metrics::counter!(crate::metrics::CONNECTIONS_REJECTED, "reason" => "capacity")
+            .increment(1);
+        return ApiError::Capacity.into_response();
+    };
     let mut response = match allowed {
         "GET" => crate::sse::events(&state, req, connection).await,
         _ => crate::publish::publish(&state, req).await,

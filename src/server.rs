@@ -34,14 +34,11 @@ pub struct ConnInfo {
 
 /// Largest HTTP/1.1 read or write buffer per connection (also bounds request headers).
 const MAX_BUF: usize = 64 * 1024;
-/// Time a client has to send its request headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn builder(heartbeat: Duration) -> auto::Builder<TokioExecutor> {
+fn builder(heartbeat: Duration, header_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(header_timeout)
         .max_buf_size(MAX_BUF)
         .keep_alive(true);
     b.http2()
@@ -85,7 +82,7 @@ async fn accept(
 
 /// Serves `/events` and `/publish` until `stop` is cancelled.
 pub async fn serve_client(listener: TcpListener, state: Arc<AppState>, stop: CancellationToken) {
-    let builder = builder(state.config.heartbeat);
+    let builder = builder(state.config.heartbeat, state.config.header_timeout);
     let ids = AtomicU64::new(1);
     while let Some((stream, remote)) = accept(&listener, &stop, "client").await {
         let _ = stream.set_nodelay(true);
@@ -126,7 +123,7 @@ pub async fn serve_admin(
     exporter: Option<Exporter>,
     stop: CancellationToken,
 ) {
-    let builder = builder(Duration::from_secs(30));
+    let builder = builder(Duration::from_secs(30), state.config.header_timeout);
     while let Some((stream, _)) = accept(&listener, &stop, "admin").await {
         let state = state.clone();
         let exporter = exporter.clone();

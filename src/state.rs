@@ -29,6 +29,9 @@ pub struct AppState {
     pub replica_id: String,
     /// Recent refusals.
     pub rejections: Rejections,
+    /// Permits for requests being authenticated and admitted (bounds the work a flood of
+    /// handshakes can cause).
+    pub handshakes: tokio::sync::Semaphore,
     draining: AtomicBool,
     next_stream: AtomicU64,
 }
@@ -45,6 +48,7 @@ impl AppState {
         replica_id: String,
     ) -> Self {
         Self {
+            handshakes: tokio::sync::Semaphore::new(config.max_pending_handshakes),
             config,
             hub,
             broker,

@@ -26,7 +26,7 @@ use crate::limits::{LimitError, Slot};
 use crate::metrics as m;
 use crate::request::{bearer_token, query_pairs};
 use crate::state::AppState;
-use stream::{SseStream, StreamGuard};
+use stream::{Lifetime, SseStream, StreamGuard};
 
 /// Longest wait for the broker to confirm a subscription before the client gets 503.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -173,10 +173,23 @@ async fn open<B>(
         }
     }
 
-    let expires_at = {
+    let lifetime = {
+        let now = tokio::time::Instant::now();
         let deadline = claims.exp.saturating_add(config.jwt_leeway.as_secs());
-        let left = deadline.saturating_sub(now_secs());
-        Some(tokio::time::Instant::now() + Duration::from_secs(left.min(10 * 365 * 86_400)))
+        let left = Duration::from_secs(deadline.saturating_sub(now_secs()).min(10 * 365 * 86_400));
+        let expires_at = now + left;
+        let warning = config.token_expiry_warning;
+        Lifetime {
+            heartbeat: config.heartbeat,
+            expires_at,
+            warn_at: (!warning.is_zero() && left > warning).then(|| expires_at - warning),
+            // Jittered by up to a tenth, so streams opened together do not all close together.
+            max_age_at: (!config.max_stream_age.is_zero()).then(|| {
+                now + config
+                    .max_stream_age
+                    .mul_f64(0.9 + 0.1 * rand::random::<f64>())
+            }),
+        }
     };
     let mut prelude = bytes::BytesMut::from(&frame::prelude(config.retry_ms)[..]);
     let last_event_id = last_event_id(&req, &query);
@@ -212,8 +225,7 @@ async fn open<B>(
         guard,
         rx,
         prelude.freeze(),
-        config.heartbeat,
-        expires_at,
+        lifetime,
         config.retry_ms,
         resumed,
     );

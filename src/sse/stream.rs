@@ -85,14 +85,42 @@ impl Drop for StreamGuard {
     }
 }
 
+/// When a stream must say or do something regardless of traffic.
+#[derive(Debug, Clone, Copy)]
+pub struct Lifetime {
+    /// A comment after this long without a write.
+    pub heartbeat: Duration,
+    /// The token's `exp` + leeway: `gateway.token-expired`, then the end.
+    pub expires_at: Instant,
+    /// When to send `gateway.token-expiring` (off when `None`).
+    pub warn_at: Option<Instant>,
+    /// The stream's maximum age (off when `None`): `gateway.shutdown`, then the end, so that
+    /// clients rebalance onto replicas added since they connected.
+    pub max_age_at: Option<Instant>,
+}
+
+impl Lifetime {
+    fn next(&self, heartbeat_at: Instant) -> Instant {
+        [
+            Some(heartbeat_at),
+            Some(self.expires_at),
+            self.warn_at,
+            self.max_age_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(heartbeat_at)
+    }
+}
+
 /// A live SSE response body.
 pub struct SseStream {
     pending: Option<Bytes>,
     rx: mpsc::Receiver<Queued>,
     timer: Pin<Box<Sleep>>,
-    heartbeat: Duration,
+    lifetime: Lifetime,
     last_write: Instant,
-    expires_at: Option<Instant>,
     retry_ms: u64,
     done: bool,
     /// The stream's cursor, when history is on.
@@ -108,8 +136,7 @@ impl SseStream {
         guard: StreamGuard,
         rx: mpsc::Receiver<Queued>,
         prelude: Bytes,
-        heartbeat: Duration,
-        expires_at: Option<Instant>,
+        lifetime: Lifetime,
         retry_ms: u64,
         resumed: Option<(Tracker, Option<Replayer>)>,
     ) -> Self {
@@ -118,20 +145,30 @@ impl SseStream {
             Some((t, r)) => (Some(t), r),
             None => (None, None),
         };
-        let first_deadline = next_deadline(now + heartbeat, expires_at);
+        let first_deadline = lifetime.next(now + lifetime.heartbeat);
         Self {
             pending: Some(prelude),
             rx,
             timer: Box::pin(tokio::time::sleep_until(first_deadline)),
-            heartbeat,
+            lifetime,
             last_write: now,
-            expires_at,
             retry_ms,
             done: false,
             tracker,
             replayer,
             guard,
         }
+    }
+
+    /// `retry:` and `gateway.shutdown`: the last bytes of a stream the gateway closes on purpose.
+    fn goodbye(&self, reason: &str) -> Bytes {
+        let mut goodbye = BytesMut::new();
+        goodbye.extend_from_slice(format!("retry: {}\n", self.retry_ms).as_bytes());
+        goodbye.extend_from_slice(&frame::control(
+            "gateway.shutdown",
+            &format!("{{\"reason\":\"{reason}\",\"retry_ms\":{}}}", self.retry_ms),
+        ));
+        goodbye.freeze()
     }
 
     fn finish(
@@ -210,13 +247,6 @@ impl SseStream {
     }
 }
 
-fn next_deadline(heartbeat_at: Instant, expires_at: Option<Instant>) -> Instant {
-    match expires_at {
-        Some(e) if e < heartbeat_at => e,
-        _ => heartbeat_at,
-    }
-}
-
 impl Body for SseStream {
     type Data = Bytes;
     type Error = Infallible;
@@ -235,13 +265,8 @@ impl Body for SseStream {
         }
         this.guard.sub.register_waker(cx.waker());
         if this.guard.sub.shutdown_requested() {
-            let mut goodbye = BytesMut::new();
-            goodbye.extend_from_slice(format!("retry: {}\n", this.retry_ms).as_bytes());
-            goodbye.extend_from_slice(&frame::control(
-                "gateway.shutdown",
-                &format!("{{\"reason\":\"shutdown\",\"retry_ms\":{}}}", this.retry_ms),
-            ));
-            return this.finish(CloseReason::Shutdown, goodbye.freeze());
+            let goodbye = this.goodbye("shutdown");
+            return this.finish(CloseReason::Shutdown, goodbye);
         }
         if let (Some(replayer), Some(tracker)) = (this.replayer.as_mut(), this.tracker.as_mut()) {
             match replayer.poll_next(cx, tracker) {
@@ -272,20 +297,36 @@ impl Body for SseStream {
                 return Poll::Pending;
             }
             let now = Instant::now();
-            if this.expires_at.is_some_and(|e| now >= e) {
+            let life = this.lifetime;
+            if now >= life.expires_at {
                 let last =
                     frame::control("gateway.token-expired", "{\"reason\":\"token_expired\"}");
                 return this.finish(CloseReason::TokenExpired, last);
             }
-            let heartbeat_at = this.last_write + this.heartbeat;
+            if life.max_age_at.is_some_and(|t| now >= t) {
+                let goodbye = this.goodbye("max_age");
+                return this.finish(CloseReason::MaxAge, goodbye);
+            }
+            if life.warn_at.is_some_and(|t| now >= t) {
+                this.lifetime.warn_at = None;
+                this.last_write = now;
+                let left = life.expires_at.saturating_duration_since(now).as_millis();
+                let warning = frame::control(
+                    "gateway.token-expiring",
+                    &format!("{{\"expires_in_ms\":{left}}}"),
+                );
+                this.timer
+                    .as_mut()
+                    .reset(this.lifetime.next(now + life.heartbeat));
+                return Poll::Ready(Some(Ok(Frame::data(warning))));
+            }
+            let heartbeat_at = this.last_write + life.heartbeat;
             if now >= heartbeat_at {
                 this.last_write = now;
-                let next = next_deadline(now + this.heartbeat, this.expires_at);
-                this.timer.as_mut().reset(next);
+                this.timer.as_mut().reset(life.next(now + life.heartbeat));
                 return Poll::Ready(Some(Ok(Frame::data(frame::HEARTBEAT))));
             }
-            let next = next_deadline(heartbeat_at, this.expires_at);
-            this.timer.as_mut().reset(next);
+            this.timer.as_mut().reset(life.next(heartbeat_at));
         }
     }
 }
