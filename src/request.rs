@@ -63,6 +63,20 @@ mod tests {
         assert_eq!(bearer_token(&h, &q), None);
     }
 
+    proptest::proptest! {
+        // Any query string: extraction never panics, and redaction never shows a token.
+        #[test]
+        fn query_handling_never_panics_or_leaks(q in "[ -~]{0,200}", token in "[A-Za-z0-9._-]{8,40}") {
+            let text = format!("/events?{q}&access_token={token}");
+            if let Ok(uri) = text.parse::<Uri>() {
+                let pairs = query_pairs(&uri);
+                let _ = bearer_token(&HeaderMap::new(), &pairs);
+                let redacted = redacted_path(&uri);
+                proptest::prop_assert!(!redacted.contains(&token), "{}", redacted);
+            }
+        }
+    }
+
     #[test]
     fn redaction_hides_values() {
         let uri: Uri = "/events?channel=a&access_token=SECRET".parse().unwrap();

@@ -24,7 +24,7 @@ use crate::error::ApiError;
 use crate::hub::{StreamInfo, Subscriber};
 use crate::limits::{LimitError, Slot};
 use crate::metrics as m;
-use crate::request::{bearer_token, query_pairs};
+use crate::request::{bearer_token, query_pairs, redacted_path};
 use crate::state::AppState;
 use stream::{Lifetime, SseStream, StreamGuard};
 
@@ -219,6 +219,7 @@ async fn open<B>(
     tracing::debug!(
         stream = guard.sub.id,
         channels = guard.channels().len(),
+        path = %redacted_path(req.uri()),
         "stream opened"
     );
     let body = SseStream::new(
