@@ -439,11 +439,8 @@ impl Settings {
                 "SSE_GATEWAY_TLS_KEY_FILE is set without a certificate file; set both or neither",
             )),
         };
-        if tls.is_some() {
-            return Err(bad(
-                "SSE_GATEWAY_TLS_CERT_FILE",
-                "TLS on the client port is not available in this build; terminate TLS at the load balancer",
-            ));
+        if let Some((cert, key)) = &tls {
+            crate::tls::load(cert, key).map_err(|e| bad("SSE_GATEWAY_TLS_CERT_FILE", e))?;
         }
         Ok(Config {
             listen,

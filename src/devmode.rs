@@ -10,7 +10,7 @@ use crate::config::Config;
 /// Channel the printed commands use.
 pub const DEMO_CHANNEL: &str = "demo";
 
-fn reachable(addr: SocketAddr) -> String {
+fn reachable(addr: SocketAddr, tls: bool) -> String {
     let ip = if addr.ip().is_unspecified() {
         "127.0.0.1".to_string()
     } else if addr.is_ipv6() {
@@ -18,7 +18,8 @@ fn reachable(addr: SocketAddr) -> String {
     } else {
         addr.ip().to_string()
     };
-    format!("http://{ip}:{}", addr.port())
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{ip}:{}", addr.port())
 }
 
 /// The text printed at start-up in development mode.
@@ -44,7 +45,7 @@ pub fn instructions(config: &Config, client: SocketAddr) -> Result<String, Strin
         ttl,
         None,
     )?;
-    let base = reachable(client);
+    let base = reachable(client, config.tls.is_some());
     Ok(format!(
         "\n\
          sse-gateway is in DEVELOPMENT MODE: tokens are signed with a random key that dies with this process.\n\

@@ -46,6 +46,7 @@ pub mod server;
 pub mod shutdown;
 pub mod sse;
 pub mod state;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -75,6 +76,15 @@ pub async fn run(
         )
     })?;
     let client_addr = client.local_addr().map_err(|e| e.to_string())?;
+    let tls = match &config.tls {
+        Some((cert, key)) => {
+            let tls = tls::Tls::new(cert.clone(), key.clone())
+                .map_err(|e| format!("SSE_GATEWAY_TLS_CERT_FILE: {e}"))?;
+            tls.spawn_reloader();
+            Some(tls)
+        }
+        None => None,
+    };
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
 
     let hub = Arc::new(hub::Hub::new());
@@ -100,7 +110,12 @@ pub async fn run(
         replica_id.clone(),
     ));
     let stop = CancellationToken::new();
-    tokio::spawn(server::serve_client(client, state.clone(), stop.clone()));
+    tokio::spawn(server::serve_client(
+        client,
+        state.clone(),
+        tls,
+        stop.clone(),
+    ));
     tokio::spawn(server::serve_admin(
         admin,
         state.clone(),

@@ -20,6 +20,7 @@ use tracing::Instrument;
 use crate::metrics::Exporter;
 use crate::router;
 use crate::state::AppState;
+use crate::tls::Tls;
 
 /// The HTTP connection a request arrived on.
 #[derive(Debug, Clone)]
@@ -80,39 +81,70 @@ async fn accept(
     }
 }
 
-/// Serves `/events` and `/publish` until `stop` is cancelled.
-pub async fn serve_client(listener: TcpListener, state: Arc<AppState>, stop: CancellationToken) {
+/// Serves `/events` and `/publish` (over TLS when `tls` is set) until `stop` is cancelled.
+pub async fn serve_client(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    tls: Option<Tls>,
+    stop: CancellationToken,
+) {
     let builder = builder(state.config.heartbeat, state.config.header_timeout);
     let ids = AtomicU64::new(1);
     while let Some((stream, remote)) = accept(&listener, &stop, "client").await {
         let _ = stream.set_nodelay(true);
         let id = ids.fetch_add(1, Ordering::Relaxed);
+        let conn_info = ConnInfo {
+            id,
+            remote,
+            kill: CancellationToken::new(),
+        };
         let state = state.clone();
         let builder = builder.clone();
         let span = tracing::info_span!("conn", id, remote = %remote);
+        let acceptor = tls.as_ref().map(Tls::acceptor);
         tokio::spawn(
             async move {
-                let cancel = CancellationToken::new();
-                let conn_info = ConnInfo {
-                    id,
-                    remote,
-                    kill: cancel.clone(),
-                };
-                let service = service_fn(move |req| {
-                    let state = state.clone();
-                    let conn_info = conn_info.clone();
-                    async move { Ok::<_, Infallible>(router::client(state, req, conn_info).await) }
-                });
-                let conn = builder.serve_connection(TokioIo::new(stream), service);
-                tokio::select! {
-                    r = conn => if let Err(e) = r {
-                        tracing::debug!("connection ended: {e}");
-                    },
-                    _ = cancel.cancelled() => tracing::debug!("connection cut by the gateway"),
+                match acceptor {
+                    None => serve(builder, stream, state, conn_info).await,
+                    Some(acceptor) => {
+                        // The handshake gets the same time budget as request headers.
+                        let limit = state.config.header_timeout;
+                        match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                            Ok(Ok(tls_stream)) => {
+                                serve(builder, tls_stream, state, conn_info).await
+                            }
+                            Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+                            Err(_) => tracing::debug!("TLS handshake timed out"),
+                        }
+                    }
                 }
             }
             .instrument(span),
         );
+    }
+}
+
+/// Serves one client connection until it ends or the gateway cuts it.
+async fn serve<I>(
+    builder: auto::Builder<TokioExecutor>,
+    io: I,
+    state: Arc<AppState>,
+    conn_info: ConnInfo,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let cancel = conn_info.kill.clone();
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        let conn_info = conn_info.clone();
+        async move { Ok::<_, Infallible>(router::client(state, req, conn_info).await) }
+    });
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::select! {
+        r = conn => if let Err(e) = r {
+            tracing::debug!("connection ended: {e}");
+        },
+        _ = cancel.cancelled() => tracing::debug!("connection cut by the gateway"),
     }
 }
 
