@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Runs the whole test suite. Installs what the tests need (redis-server, curl) when missing.
+# Runs the whole test suite. Installs what the tests need (redis-server, curl, and Debian's
+# chromium for the browser test) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]} (the tests start their own servers on free ports)"
   sudo=""
