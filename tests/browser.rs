@@ -138,7 +138,7 @@ async fn a_browser_holds_more_than_six_streams_to_one_origin() {
     let wanted = format!("received={STREAMS}");
     let outcome = loop {
         let seen = reports.lock().unwrap().clone();
-        if seen.iter().any(|r| *r == wanted) {
+        if seen.contains(&wanted) {
             break Ok(seen);
         }
         if Instant::now() > deadline {
