@@ -38,6 +38,18 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         hold_secs: u64,
     },
+    /// Hold idle streams multiplexed over cleartext HTTP/2 connections (prior knowledge) and
+    /// report memory per stream.
+    IdleH2 {
+        #[command(flatten)]
+        common: Common,
+        /// Streams per HTTP/2 connection (the gateway allows up to 256).
+        #[arg(long, default_value_t = 250)]
+        per_connection: usize,
+        /// Seconds to hold the streams.
+        #[arg(long, default_value_t = 5)]
+        hold_secs: u64,
+    },
     /// Open and close N streams one after another; report connect latency (to the 200 head).
     Connect {
         #[command(flatten)]
@@ -426,6 +438,87 @@ async fn broadcast(common: Common, redis_url: String, prefix: String, events: u6
     );
 }
 
+async fn idle_h2(common: Common, per_connection: usize, hold: Duration) {
+    use http_body_util::Empty;
+    let before = rss_all(&common.admins).await;
+    let connections = common.streams.div_ceil(per_connection.max(1));
+    let started = Instant::now();
+    let mut bodies = Vec::with_capacity(common.streams);
+    let mut opened = 0usize;
+    for c in 0..connections {
+        let target = common.targets[c % common.targets.len()];
+        let tcp = match connect(target, None).await {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("connect {target}: {e}");
+                continue;
+            }
+        };
+        let Ok((sender, conn)) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        else {
+            eprintln!("HTTP/2 handshake with {target} failed");
+            continue;
+        };
+        tokio::spawn(conn);
+        let n = per_connection.min(common.streams - opened);
+        let requests = (0..n).map(|i| {
+            let mut sender = sender.clone();
+            let token = mint(&common.secret, &format!("h2-{c}-{i}"), &common.channel);
+            let req =
+                hyper::Request::get(format!("http://{target}/events?channel={}", common.channel))
+                    .header("authorization", format!("Bearer {token}"))
+                    .body(Empty::<bytes::Bytes>::new());
+            async move {
+                let req = req.ok()?;
+                let resp = sender.send_request(req).await.ok()?;
+                (resp.status() == 200).then(|| resp.into_body())
+            }
+        });
+        for body in futures_join(requests).await.into_iter().flatten() {
+            bodies.push(body);
+        }
+        opened += n;
+    }
+    println!(
+        "opened {} HTTP/2 streams over {connections} connections in {:.1}s",
+        bodies.len(),
+        started.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(hold).await;
+    let after = rss_all(&common.admins).await;
+    for (i, admin) in common.admins.iter().enumerate() {
+        let conns = metric(*admin, "sse_gateway_connections")
+            .await
+            .unwrap_or(0.0);
+        println!(
+            "replica {admin}: {conns:.0} streams, RSS {:.1} MiB -> {:.1} MiB, {:.2} KiB per HTTP/2 stream",
+            before[i] / 1048576.0,
+            after[i] / 1048576.0,
+            (after[i] - before[i]) / conns.max(1.0) / 1024.0
+        );
+    }
+    drop(bodies);
+}
+
+async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+    F: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
+}
+
 async fn connect_latency(common: Common) {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
     let mut failures = 0;
@@ -658,6 +751,11 @@ fn fnv(s: &str) -> u32 {
 async fn main() {
     match Cli::parse().command {
         Scenario::Connect { common } => connect_latency(common).await,
+        Scenario::IdleH2 {
+            common,
+            per_connection,
+            hold_secs,
+        } => idle_h2(common, per_connection, Duration::from_secs(hold_secs)).await,
         Scenario::Publish {
             common,
             via,
