@@ -104,6 +104,26 @@ fn write_stored(
     }
 }
 
+/// Appends a page's events; the mark of its last event, where the next page starts.
+fn write_page(
+    out: &mut BytesMut,
+    tracker: &mut Tracker,
+    channel: &str,
+    page: &Page,
+    max_event_bytes: usize,
+) -> Option<Mark> {
+    let mut last = None;
+    for e in &page.events {
+        let mark = Mark {
+            epoch: page.epoch.clone(),
+            pos: e.pos,
+        };
+        write_stored(out, tracker, channel, &mark, &e.payload, max_event_bytes);
+        last = Some(mark);
+    }
+    last
+}
+
 /// Pages of history still to write, one channel at a time.
 pub struct Replayer {
     history: Arc<dyn History>,
@@ -149,22 +169,7 @@ impl Replayer {
                 }
             };
             let mut out = BytesMut::new();
-            let mut last = None;
-            for e in &page.events {
-                let mark = Mark {
-                    epoch: page.epoch.clone(),
-                    pos: e.pos,
-                };
-                write_stored(
-                    &mut out,
-                    tracker,
-                    &channel,
-                    &mark,
-                    &e.payload,
-                    self.max_event_bytes,
-                );
-                last = Some(mark);
-            }
+            let last = write_page(&mut out, tracker, &channel, &page, self.max_event_bytes);
             if page.more {
                 if let Some(mark) = last {
                     self.todo.push_front((idx, mark));
@@ -247,22 +252,7 @@ pub async fn start(
                 pos: Default::default(),
             };
         }
-        let mut last = None;
-        for e in &page.events {
-            let mark = Mark {
-                epoch: page.epoch.clone(),
-                pos: e.pos,
-            };
-            write_stored(
-                &mut out,
-                &mut tracker,
-                &channels[i],
-                &mark,
-                &e.payload,
-                max_event_bytes,
-            );
-            last = Some(mark);
-        }
+        let last = write_page(&mut out, &mut tracker, &channels[i], &page, max_event_bytes);
         if page.more {
             if let Some(mark) = last {
                 todo.push_back((i, mark));
