@@ -88,4 +88,17 @@ if "$helm_bin" template ci "$chart" >/dev/null 2>&1; then
   exit 1
 fi
 
+echo "== grafana dashboard"
+python3 - <<'PY'
+import json, re
+d = json.load(open("deploy/grafana/sse-gateway.json"))
+names = set(re.findall(r"sse_gateway_[a-z_]+", open("src/metrics.rs").read()))
+for p in d["panels"]:
+    for t in p["targets"]:
+        for m in re.findall(r"sse_gateway_[a-z_]+", t["expr"]):
+            base = re.sub(r"_(bucket|sum|count)$", "", m)
+            assert base in names, f"panel {p['title']!r} uses {m}, which the gateway does not export"
+print(f"{len(d['panels'])} panels, every metric exists")
+PY
+
 echo "deploy checks passed"

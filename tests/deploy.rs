@@ -158,3 +158,160 @@ async fn an_event_reaches_clients_on_different_replicas_through_nginx() {
         "a token reached the nginx access log"
     );
 }
+
+/// Records the demo page's `report=` pings.
+async fn report_server(reports: std::sync::Arc<std::sync::Mutex<Vec<String>>>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let reports = reports.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16384];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                if let Some(q) = req
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|p| p.split_once('?'))
+                {
+                    reports.lock().unwrap().push(q.1.to_string());
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 204 No Content\r\nAccess-Control-Allow-Origin: *\r\nConnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+fn fcall(redis_port: u16, payload: &str) {
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{redis_port}"))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: Vec<String> = redis::cmd("FCALL")
+        .arg("sse_publish")
+        .arg(1)
+        .arg("{c:web}")
+        .arg(payload)
+        .query(&mut conn)
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_browser_through_nginx_resumes_by_itself_when_its_replica_dies() {
+    let base = free_block();
+    let redis_port = free_port();
+    let dir = std::env::temp_dir().join(format!("sse-gateway-local-{base}"));
+    let local = Local {
+        dir: dir.clone(),
+        env: vec![
+            ("SSE_LOCAL_PORT".into(), base.to_string()),
+            ("SSE_LOCAL_REDIS_PORT".into(), redis_port.to_string()),
+            ("SSE_LOCAL_DIR".into(), dir.display().to_string()),
+            (
+                "SSE_GATEWAY_BIN".into(),
+                env!("CARGO_BIN_EXE_sse-gateway").into(),
+            ),
+        ],
+    };
+    let out = local.run("start");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secret = std::fs::read_to_string(dir.join("jwt-secret")).unwrap();
+    let token = token_with(
+        serde_json::json!({"sub": "browser", "exp": now() + 600, "channels": ["web"]}),
+        secret.trim(),
+    );
+    let reports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let report_port = report_server(reports.clone()).await;
+    let url = format!(
+        "http://127.0.0.1:{base}/demo/#channel=web&token={token}&report=http://127.0.0.1:{report_port}/r"
+    );
+    let mut browser = Command::new("chromium")
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            &format!("--user-data-dir={}", dir.join("chromium").display()),
+            &url,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("Chromium (scripts/test.sh installs it)");
+    let latest = |reports: &std::sync::Mutex<Vec<String>>| {
+        reports.lock().unwrap().last().cloned().unwrap_or_default()
+    };
+    let wait_for = |want: &str| {
+        let reports = reports.clone();
+        let want = want.to_string();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let last = reports.lock().unwrap().last().cloned().unwrap_or_default();
+                if last.contains(&want) {
+                    return last;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "page never reported {want}; last: {last}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for("opened=1").await;
+    for i in 0..5 {
+        fcall(redis_port, &format!("e{i}"));
+    }
+    wait_for("events=e0,e1,e2,e3,e4&").await;
+
+    // Kill the replica that holds the browser's stream.
+    let mut victim = None;
+    for i in 1..=3u16 {
+        let admin: SocketAddr = format!("127.0.0.1:{}", base + 1000 + i).parse().unwrap();
+        if http(admin, "GET", "/connections?user=browser", &[], b"")
+            .await
+            .json()["total"]
+            == 1
+        {
+            victim = Some(i);
+        }
+    }
+    let victim = victim.expect("no replica holds the browser's stream");
+    let pid = std::fs::read_to_string(dir.join(format!("replica{victim}.pid"))).unwrap();
+    Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status()
+        .unwrap();
+    for i in 5..10 {
+        fcall(redis_port, &format!("e{i}"));
+    }
+    // The browser reconnects on its own (after the retry hint) with Last-Event-ID, through
+    // nginx, to a live replica, and gets exactly the events it missed.
+    let last = wait_for("events=e0,e1,e2,e3,e4,e5,e6,e7,e8,e9&").await;
+    assert!(last.contains("opened=2"), "{last}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        latest(&reports).starts_with("events=e0,e1,e2,e3,e4,e5,e6,e7,e8,e9&"),
+        "a duplicate arrived: {}",
+        latest(&reports)
+    );
+    let _ = browser.kill();
+    let _ = browser.wait();
+}

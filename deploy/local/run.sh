@@ -84,6 +84,7 @@ start() {
       -e "s/127\.0\.0\.1:8083/127.0.0.1:$((port + 3))/" \
       -e "s/listen 127\.0\.0\.1:8080;/listen 127.0.0.1:$port;/" \
       -e "s#access_log /dev/stdout#access_log $dir/access.log#" \
+      -e "s#alias /srv/sse-gateway/demo/;#alias $root/deploy/demo/;#" \
       "$root/deploy/nginx/sse-gateway.conf" >"$dir/sse-gateway.conf"
   cat >"$dir/nginx.conf" <<CONF
 worker_processes 1;
@@ -110,6 +111,8 @@ CONF
 sse-gateway is running: nginx on http://127.0.0.1:$port, replicas on ports $((port + 1))-$((port + 3)),
 admin ports $((port + 1001))-$((port + 1003)), Redis on $redis_port. State and logs: $dir
 
+Watch it in a browser:
+  http://127.0.0.1:$port/demo/#channel=demo&token=$token
 Stream (through nginx):
   curl -N -H 'Authorization: Bearer $token' 'http://127.0.0.1:$port/events?channel=demo'
 Publish, fire-and-forget:
