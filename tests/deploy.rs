@@ -314,4 +314,43 @@ async fn a_browser_through_nginx_resumes_by_itself_when_its_replica_dies() {
     );
     let _ = browser.kill();
     let _ = browser.wait();
+
+    // A screenshot for people: the demo page resumed from the first event's id shows the rest.
+    let first = latest(&reports)
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("first="))
+        .map(|v| {
+            form_urlencoded::parse(format!("v={v}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        })
+        .expect("the page reported its first id");
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-resume.png");
+    let _ = std::fs::remove_file(&shot);
+    let from = form_urlencoded::byte_serialize(first.as_bytes()).collect::<String>();
+    let status = Command::new("chromium")
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            &format!("--user-data-dir={}", dir.join("chromium-shot").display()),
+            "--window-size=900,600",
+            "--timeout=2000",
+            &format!("--screenshot={}", shot.display()),
+            &format!("http://127.0.0.1:{base}/demo/#channel=web&token={token}&from={from}"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
+    assert!(size > 1000, "no screenshot at {}", shot.display());
+    println!("screenshot: {}", shot.display());
 }
