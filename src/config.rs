@@ -483,16 +483,10 @@ impl Settings {
 
 fn validate_redis_url(url: String) -> Result<String, ConfigError> {
     const SETTING: &str = "SSE_GATEWAY_REDIS_URL";
-    if url.starts_with("rediss://") {
+    if !url.starts_with("redis://") && !url.starts_with("rediss://") {
         return Err(bad(
             SETTING,
-            "rediss:// (TLS to Redis) is not available in this build; use redis:// on a trusted network",
-        ));
-    }
-    if !url.starts_with("redis://") {
-        return Err(bad(
-            SETTING,
-            "must start with redis:// (example: redis://127.0.0.1:6379/0)",
+            "must start with redis:// or rediss:// (example: redis://127.0.0.1:6379/0)",
         ));
     }
     // Parse it the way the driver will, so a typo fails here rather than at the first connect.

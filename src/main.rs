@@ -7,6 +7,8 @@ use sse_gateway::auth::{mint, Claims};
 use sse_gateway::config::{Cli, Command, Config, InspectArgs, LogFormat, Settings, TokenArgs};
 
 fn main() -> ExitCode {
+    // One TLS implementation for the client port and rediss://: rustls with ring.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     if let Some(Command::Inspect(args)) = &cli.command {
         return inspect(&cli.settings, args);

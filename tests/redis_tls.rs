@@ -1,0 +1,126 @@
+//! `rediss://`: the gateway talks to a Redis that only speaks TLS, verifying its certificate
+//! against the system roots (here a test CA given through `SSL_CERT_FILE`).
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::*;
+
+const T: Duration = Duration::from_secs(10);
+
+struct TlsRedis {
+    child: Child,
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl TlsRedis {
+    fn start() -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "sse-gateway-redis-tls-{port}-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+        let path = |f: &str| dir.join(f).display().to_string();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args([
+                "--tls-cert-file",
+                &path("cert.pem"),
+                "--tls-key-file",
+                &path("key.pem"),
+            ])
+            .args([
+                "--tls-ca-cert-file",
+                &path("cert.pem"),
+                "--tls-auth-clients",
+                "no",
+            ])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        let r = TlsRedis { child, dir, port };
+        let deadline = Instant::now() + T;
+        while r.cli(&["PING"]).trim() != "PONG" {
+            assert!(Instant::now() < deadline, "TLS redis-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        r
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args([
+                "--tls",
+                "--cacert",
+                &self.dir.join("cert.pem").display().to_string(),
+            ])
+            .args(["-h", "localhost", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn the_gateway_runs_on_a_tls_only_redis() {
+    let redis = TlsRedis::start();
+    let url = format!("rediss://localhost:{}", redis.port);
+    let ca = redis.dir.join("cert.pem").display().to_string();
+    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &url), ("SSL_CERT_FILE", &ca)]);
+    gw.wait_ready(true, T).await;
+    let tok = client_token("alice", &["secure"]);
+    let mut c = SseClient::open(gw.client, "/events?channel=secure", Some(&tok))
+        .await
+        .unwrap();
+    c.wait_id(T).await;
+    // Durable publish (a Redis Function call over TLS) and a raw PUBLISH from redis-cli.
+    let r = gw
+        .publish(
+            &publisher_token(),
+            &json!({"channel": "secure", "data": "durable"}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(c.next_event(T).await.unwrap().data, "durable");
+    assert_eq!(redis.cli(&["PUBLISH", "sse:secure", "raw"]).trim(), "1");
+    assert_eq!(c.next_event(T).await.unwrap().data, "raw");
+}
+
+#[tokio::test]
+async fn an_untrusted_redis_certificate_is_refused() {
+    let redis = TlsRedis::start();
+    let url = format!("rediss://localhost:{}", redis.port);
+    // No SSL_CERT_FILE: the self-signed certificate is not trusted, so the replica never
+    // becomes ready and says why.
+    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &url)]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(gw.readyz().await, 503);
+    let logs = gw.logs.lock().unwrap().clone();
+    assert!(logs.contains("Redis pub/sub unavailable"), "{logs}");
+}
