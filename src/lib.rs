@@ -15,7 +15,8 @@
 //! # Module map
 //! - `config`: every setting (flag + env), validated once.
 //! - `auth`: JWT verification and minting; `channel`: names and grants.
-//! - `server`: accept loops; `router`: method + path; `request`: query and token extraction.
+//! - `server`: accept loops; `h1stream`: the lean HTTP/1.1 path of `GET /events`;
+//!   `router`: method + path; `request`: query and token extraction.
 //! - `sse`: `GET /events` (`mod`), the body state machine (`stream`), the encoder (`frame`).
 //! - `publish`: `POST /publish`; `event`: payload -> event.
 //! - `hub`: local fan-out; `broker`: cross-replica transport (memory, Redis).
@@ -34,6 +35,7 @@ pub mod devmode;
 pub mod diagnostics;
 pub mod error;
 pub mod event;
+pub mod h1stream;
 pub mod history;
 pub mod hub;
 pub mod inspect;

@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::h1stream::{self, Rewind, Start};
 use crate::metrics::Exporter;
 use crate::router;
 use crate::state::AppState;
@@ -106,16 +107,21 @@ pub async fn serve_client(
             async move {
                 match acceptor {
                     None => serve(builder, stream, state, conn_info).await,
+                    // Boxed: a TLS connection's state is large, and plain connections
+                    // should not pay for it in every task.
                     Some(acceptor) => {
-                        // The handshake gets the same time budget as request headers.
-                        let limit = state.config.header_timeout;
-                        match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-                            Ok(Ok(tls_stream)) => {
-                                serve(builder, tls_stream, state, conn_info).await
+                        Box::pin(async move {
+                            // The handshake gets the same time budget as request headers.
+                            let limit = state.config.header_timeout;
+                            match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                                Ok(Ok(tls_stream)) => {
+                                    serve(builder, tls_stream, state, conn_info).await
+                                }
+                                Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+                                Err(_) => tracing::debug!("TLS handshake timed out"),
                             }
-                            Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
-                            Err(_) => tracing::debug!("TLS handshake timed out"),
-                        }
+                        })
+                        .await
                     }
                 }
             }
@@ -124,8 +130,41 @@ pub async fn serve_client(
     }
 }
 
-/// Serves one client connection until it ends or the gateway cuts it.
+/// Serves one client connection until it ends or the gateway cuts it: a plain HTTP/1.1
+/// `GET /events` on the lean path, everything else with hyper.
 async fn serve<I>(
+    builder: auto::Builder<TokioExecutor>,
+    mut io: I,
+    state: Arc<AppState>,
+    conn_info: ConnInfo,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // The big futures (hyper's connection, the request handler) are boxed, so that the task of
+    // a long-lived stream is only as large as the stream's own state: per-stream memory.
+    match Box::pin(h1stream::classify(&mut io, state.config.header_timeout)).await {
+        Start::Closed => {}
+        Start::Stream(req) => {
+            let cancel = conn_info.kill.clone();
+            tokio::select! {
+                _ = h1stream::serve(io, req, state, conn_info) => {}
+                _ = cancel.cancelled() => tracing::debug!("connection cut by the gateway"),
+            }
+        }
+        Start::Hyper(prefix) => {
+            Box::pin(serve_hyper(
+                builder,
+                Rewind::new(prefix, io),
+                state,
+                conn_info,
+            ))
+            .await
+        }
+    }
+}
+
+/// Serves a connection with hyper (HTTP/1.1 keep-alive, HTTP/2, errors).
+async fn serve_hyper<I>(
     builder: auto::Builder<TokioExecutor>,
     io: I,
     state: Arc<AppState>,

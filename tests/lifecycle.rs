@@ -81,10 +81,14 @@ async fn streams_past_their_maximum_age_are_closed_so_clients_rebalance() {
 async fn a_second_signal_exits_at_once() {
     let mut gw = Gateway::start(&[("SSE_GATEWAY_DRAIN_SECS", "30")]);
     let tok = client_token("alice", &["a"]);
-    let _streams: Vec<_> = futures_util::future::join_all(
-        (0..3).map(|_| SseClient::open(gw.client, "/events?channel=a", Some(&tok))),
-    )
-    .await;
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut s = SseClient::open(gw.client, "/events?channel=a", Some(&tok))
+            .await
+            .unwrap_or_else(|r| panic!("{}: {}", r.status, r.text()));
+        s.wait_id(T).await;
+        streams.push(s);
+    }
     gw.signal("TERM");
     gw.wait_ready(false, T).await;
     let start = Instant::now();
