@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
+
+mod more;
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -90,6 +92,34 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// One channel per stream; events to random streams through Redis; delivery latency.
+    Private {
+        #[command(flatten)]
+        common: Common,
+        /// Redis the replicas use.
+        #[arg(long, default_value = "redis://127.0.0.1:6379")]
+        redis_url: String,
+        /// Channel prefix of the replicas.
+        #[arg(long, default_value = "sse:")]
+        prefix: String,
+        /// Events to publish.
+        #[arg(long, default_value_t = 2000)]
+        events: u64,
+        /// Events per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+    },
+    /// Connect, first bytes, close, as fast as possible: connects per second.
+    Churn {
+        #[command(flatten)]
+        common: Common,
+        /// Connecting workers.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// How long to run, in seconds.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+    },
     /// N streams on one channel; publish through Redis; report delivery latency.
     Broadcast {
         #[command(flatten)]
@@ -110,7 +140,7 @@ enum Scenario {
 }
 
 #[derive(Args)]
-struct Common {
+pub(crate) struct Common {
     /// Client addresses of the replicas (streams are spread round-robin).
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:8080")]
     targets: Vec<SocketAddr>,
@@ -134,13 +164,13 @@ struct Common {
     connect_concurrency: usize,
 }
 
-fn unix_nanos() -> u64 {
+pub(crate) fn unix_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-fn mint(secret: &str, sub: &str, channel: &str) -> String {
+pub(crate) fn mint(secret: &str, sub: &str, channel: &str) -> String {
     let claims = serde_json::json!({
         "sub": sub,
         "exp": unix_nanos() / 1_000_000_000 + 86_400,
@@ -154,7 +184,10 @@ fn mint(secret: &str, sub: &str, channel: &str) -> String {
     .expect("HS256 signing cannot fail")
 }
 
-async fn connect(target: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+pub(crate) async fn connect(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+) -> std::io::Result<TcpStream> {
     match source {
         None => TcpStream::connect(target).await,
         Some(ip) => {
@@ -170,13 +203,13 @@ async fn connect(target: SocketAddr, source: Option<IpAddr>) -> std::io::Result<
 }
 
 /// An open stream, past its response head.
-struct Stream {
-    tcp: TcpStream,
+pub(crate) struct Stream {
+    pub(crate) tcp: TcpStream,
     /// Bytes read past the head (start of the chunked body).
-    rest: Vec<u8>,
+    pub(crate) rest: Vec<u8>,
 }
 
-async fn open(
+pub(crate) async fn open(
     target: SocketAddr,
     source: Option<IpAddr>,
     token: &str,
@@ -213,13 +246,14 @@ async fn open(
 }
 
 /// Decodes chunked transfer coding and turns each `data: <send time>` line into a latency.
-struct Decoder {
+#[derive(Default)]
+pub(crate) struct Decoder {
     raw: Vec<u8>,
     body: Vec<u8>,
 }
 
 impl Decoder {
-    fn feed(&mut self, bytes: &[u8], latencies_us: &mut Vec<u64>) {
+    pub(crate) fn feed(&mut self, bytes: &[u8], latencies_us: &mut Vec<u64>) {
         self.raw.extend_from_slice(bytes);
         while let Some(eol) = self.raw.windows(2).position(|w| w == b"\r\n") {
             let size = std::str::from_utf8(&self.raw[..eol])
@@ -751,6 +785,27 @@ fn fnv(s: &str) -> u32 {
 async fn main() {
     match Cli::parse().command {
         Scenario::Connect { common } => connect_latency(common).await,
+        Scenario::Private {
+            common,
+            redis_url,
+            prefix,
+            events,
+            rate,
+        } => {
+            let (received, sent) = more::private(common, redis_url, prefix, events, rate).await;
+            if received != sent {
+                std::process::exit(1);
+            }
+        }
+        Scenario::Churn {
+            common,
+            concurrency,
+            secs,
+        } => {
+            if more::churn(common, concurrency, secs).await == 0 {
+                std::process::exit(1);
+            }
+        }
         Scenario::IdleH2 {
             common,
             per_connection,
