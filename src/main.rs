@@ -157,22 +157,29 @@ fn init_logs(format: LogFormat, filter: &str) -> Result<(), String> {
     .map_err(|e| e.to_string())
 }
 
-/// Completes on the first SIGTERM or SIGINT; a second one exits at once.
-async fn signals() {
+/// Installs the SIGTERM and SIGINT handlers now, before the gateway says it is listening (a
+/// signal that arrives right after must drain, not kill), and returns a future that completes
+/// on the first of them; a second one exits at once.
+fn signals() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; the gateway will only stop when killed");
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    tracing::info!("shutdown signal received; a second signal exits at once");
-    tokio::spawn(async move {
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!(
+                "cannot install signal handlers; the gateway will only stop when killed"
+            );
+            std::future::pending::<()>().await;
+            return;
+        };
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        tracing::warn!("second signal: exiting without finishing the drain");
-        std::process::exit(1);
-    });
+        tracing::info!("shutdown signal received; a second signal exits at once");
+        tokio::spawn(async move {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            tracing::warn!("second signal: exiting without finishing the drain");
+            std::process::exit(1);
+        });
+    }
 }
