@@ -49,6 +49,26 @@ struct Local {
 }
 
 impl Local {
+    /// A local setup on free ports (not started yet); with its nginx port and Redis port.
+    fn new() -> (Self, u16, u16) {
+        let base = free_block();
+        let redis_port = free_port();
+        let dir = std::env::temp_dir().join(format!("sse-gateway-local-{base}"));
+        let local = Local {
+            env: vec![
+                ("SSE_LOCAL_PORT".into(), base.to_string()),
+                ("SSE_LOCAL_REDIS_PORT".into(), redis_port.to_string()),
+                ("SSE_LOCAL_DIR".into(), dir.display().to_string()),
+                (
+                    "SSE_GATEWAY_BIN".into(),
+                    env!("CARGO_BIN_EXE_sse-gateway").into(),
+                ),
+            ],
+            dir,
+        };
+        (local, base, redis_port)
+    }
+
     fn run(&self, what: &str) -> std::process::Output {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/local/run.sh");
         let mut cmd = Command::new("bash");
@@ -69,21 +89,8 @@ impl Drop for Local {
 
 #[tokio::test]
 async fn an_event_reaches_clients_on_different_replicas_through_nginx() {
-    let base = free_block();
-    let redis_port = free_port();
-    let dir = std::env::temp_dir().join(format!("sse-gateway-local-{base}"));
-    let local = Local {
-        dir: dir.clone(),
-        env: vec![
-            ("SSE_LOCAL_PORT".into(), base.to_string()),
-            ("SSE_LOCAL_REDIS_PORT".into(), redis_port.to_string()),
-            ("SSE_LOCAL_DIR".into(), dir.display().to_string()),
-            (
-                "SSE_GATEWAY_BIN".into(),
-                env!("CARGO_BIN_EXE_sse-gateway").into(),
-            ),
-        ],
-    };
+    let (local, base, _) = Local::new();
+    let dir = local.dir.clone();
     let out = local.run("start");
     let printed = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
@@ -206,21 +213,8 @@ fn fcall(redis_port: u16, payload: &str) {
 
 #[tokio::test]
 async fn a_browser_through_nginx_resumes_by_itself_when_its_replica_dies() {
-    let base = free_block();
-    let redis_port = free_port();
-    let dir = std::env::temp_dir().join(format!("sse-gateway-local-{base}"));
-    let local = Local {
-        dir: dir.clone(),
-        env: vec![
-            ("SSE_LOCAL_PORT".into(), base.to_string()),
-            ("SSE_LOCAL_REDIS_PORT".into(), redis_port.to_string()),
-            ("SSE_LOCAL_DIR".into(), dir.display().to_string()),
-            (
-                "SSE_GATEWAY_BIN".into(),
-                env!("CARGO_BIN_EXE_sse-gateway").into(),
-            ),
-        ],
-    };
+    let (local, base, redis_port) = Local::new();
+    let dir = local.dir.clone();
     let out = local.run("start");
     assert!(
         out.status.success(),

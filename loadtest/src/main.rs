@@ -164,6 +164,16 @@ pub(crate) struct Common {
     connect_concurrency: usize,
 }
 
+/// Waits until `start + offset` precisely: the timer wheel ticks per millisecond, so it sleeps to
+/// just before the slot and yields until it, and timer rounding does not count as latency.
+pub(crate) async fn wait_until(start: tokio::time::Instant, offset: Duration) {
+    let due = start + offset;
+    tokio::time::sleep_until(due - Duration::from_millis(2).min(offset)).await;
+    while tokio::time::Instant::now() < due {
+        tokio::task::yield_now().await;
+    }
+}
+
 pub(crate) fn unix_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -431,13 +441,7 @@ async fn broadcast(common: Common, redis_url: String, prefix: String, events: u6
     let start_unix = unix_nanos();
     for i in 0..events {
         let offset = interval * i as u32;
-        // The timer wheel ticks per millisecond: sleep to just before the slot, then yield until
-        // it, so timer rounding does not count as gateway latency.
-        let due = start + offset;
-        tokio::time::sleep_until(due - Duration::from_millis(2).min(offset)).await;
-        while tokio::time::Instant::now() < due {
-            tokio::task::yield_now().await;
-        }
+        wait_until(start, offset).await;
         // The intended send time, not the actual one: a late publisher shows up as latency.
         let intended = start_unix + offset.as_nanos() as u64;
         let _: Result<i64, _> = redis::cmd("PUBLISH")

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use tokio::io::AsyncReadExt;
 
-use crate::{mint, open, unix_nanos, Common, Decoder};
+use crate::{mint, open, unix_nanos, wait_until, Common, Decoder};
 
 fn print_latency(label: &str, hist: &Histogram<u64>) {
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
@@ -83,11 +83,7 @@ pub async fn private(
     let mut target_seed = 0x9e37_79b9_7f4a_7c15u64;
     for i in 0..events {
         let offset = interval * i as u32;
-        let due = start + offset;
-        tokio::time::sleep_until(due - Duration::from_millis(2).min(offset)).await;
-        while tokio::time::Instant::now() < due {
-            tokio::task::yield_now().await;
-        }
+        wait_until(start, offset).await;
         // xorshift: a cheap, reproducible choice of target stream.
         target_seed ^= target_seed << 13;
         target_seed ^= target_seed >> 7;
