@@ -242,6 +242,11 @@ async fn no_event_is_silently_lost_through_kills_drains_and_a_redis_restart() {
         "chaos: {published} events published, {CLIENTS} clients, {received} received, {reconnects} reconnects, {gaps} gaps, {} silent losses",
         silent_losses.len()
     );
+    if !silent_losses.is_empty() {
+        for (i, r) in replicas.iter().enumerate() {
+            eprintln!("--- replica {i} log ---\n{}", r.logs.lock().unwrap());
+        }
+    }
     assert!(
         silent_losses.is_empty(),
         "events lost without a gap: {silent_losses:?}"

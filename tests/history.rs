@@ -392,3 +392,59 @@ async fn durable_events_published_during_a_pubsub_drop_are_filled_from_history()
     assert_eq!((ev.data.as_str(), ev.id), ("raw", None));
     assert_eq!(c.last_id, before);
 }
+
+#[tokio::test]
+async fn the_outage_fill_comes_before_live_events_that_follow_it() {
+    // A publisher that never stops: after the pub/sub connection drops, events keep coming, so
+    // live ones arrive right after the resubscribe. The older missed ones must still come first
+    // (a live event written before them would move the cursor past them).
+    let redis = Redis::start();
+    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);
+    gw.wait_ready(true, T).await;
+    let mut c = open(&gw, &["steady"], None).await;
+    c.wait_id(T).await;
+    let url = redis.url();
+    let publisher = std::thread::spawn(move || {
+        let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+        for i in 0..400 {
+            let _: Vec<String> = redis::cmd("FCALL")
+                .arg("sse_publish")
+                .arg(1)
+                .arg("{c:steady}")
+                .arg(i.to_string())
+                .query(&mut conn)
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    // Keep the replica out for a while (new connections refused), so that history piles up.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxclients")
+        .arg(1)
+        .query(&mut conn)
+        .unwrap();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut conn)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxclients")
+        .arg(10000)
+        .query(&mut conn)
+        .unwrap();
+    publisher.join().unwrap();
+    for i in 0..400 {
+        let ev = c.next_event(T).await.expect("event");
+        assert_eq!(ev.data, i.to_string(), "event {i} lost or out of order");
+    }
+}

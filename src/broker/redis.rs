@@ -230,6 +230,10 @@ impl Manager {
         let (mut sink, mut stream) = pubsub.split();
         let probe_seen = Arc::new(AtomicU64::new(0));
         let (reader_done_tx, mut reader_done) = oneshot::channel::<()>();
+        // Live messages wait (in the connection's buffer) until the gap of the outage has been
+        // filled from history: an event written live before the older missed ones would move
+        // the streams' cursors past them, and they would be dropped as duplicates.
+        let (go_tx, go_rx) = oneshot::channel::<()>();
         let reader = {
             let hub = self.hub.clone();
             let prefix = self.prefix.clone();
@@ -239,6 +243,9 @@ impl Manager {
             let last_seen = self.last_seen.clone();
             let last_contact = self.last_contact_ms.clone();
             tokio::spawn(async move {
+                if go_rx.await.is_err() {
+                    return;
+                }
                 while let Some(msg) = stream.next().await {
                     last_contact.store(unix_ms(), Ordering::Relaxed);
                     let name = msg.get_channel_name();
@@ -288,8 +295,10 @@ impl Manager {
                 "Redis pub/sub reconnected and resubscribed"
             );
             self.fill_after_outage(&wanted).await;
+            let _ = go_tx.send(());
         } else {
             tracing::info!("Redis pub/sub connected");
+            let _ = go_tx.send(());
         }
         *connected_before = true;
 
