@@ -248,8 +248,15 @@ async fn a_browser_through_nginx_resumes_by_itself_when_its_replica_dies() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("Chromium (scripts/test.sh installs it)");
+    // The page's fullest state: reports may arrive out of order, the longest is the newest.
     let latest = |reports: &std::sync::Mutex<Vec<String>>| {
-        reports.lock().unwrap().last().cloned().unwrap_or_default()
+        reports
+            .lock()
+            .unwrap()
+            .iter()
+            .max_by_key(|r| r.split('&').next().map_or(0, str::len))
+            .cloned()
+            .unwrap_or_default()
     };
     let wait_for = |want: &str| {
         let reports = reports.clone();
@@ -257,13 +264,14 @@ async fn a_browser_through_nginx_resumes_by_itself_when_its_replica_dies() {
         async move {
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
             loop {
-                let last = reports.lock().unwrap().last().cloned().unwrap_or_default();
-                if last.contains(&want) {
-                    return last;
+                // Reports are separate requests and may arrive out of order: look at all.
+                let seen = reports.lock().unwrap().clone();
+                if let Some(hit) = seen.iter().find(|r| r.contains(&want)) {
+                    return hit.clone();
                 }
                 assert!(
                     std::time::Instant::now() < deadline,
-                    "page never reported {want}; last: {last}"
+                    "page never reported {want}; reports: {seen:?}"
                 );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
