@@ -11,6 +11,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::limits::redis::{admin_key, registry_key, slots_key};
+
 /// What to inspect.
 pub struct Query {
     /// A user's slots and streams.
@@ -61,6 +63,20 @@ fn encode_query(v: &str) -> String {
     form_urlencoded::byte_serialize(v.as_bytes()).collect()
 }
 
+async fn zrange_with_scores(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> Result<Vec<(String, f64)>, String> {
+    redis::cmd("ZRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(conn)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// Runs the inspection and returns the report.
 pub async fn run(redis_url: &str, prefix: &str, q: &Query) -> Result<String, String> {
     let client = redis::Client::open(redis_url).map_err(|e| format!("--redis-url: {e}"))?;
@@ -76,16 +92,9 @@ pub async fn run(redis_url: &str, prefix: &str, q: &Query) -> Result<String, Str
         .await
         .map_err(|e| e.to_string())?;
     let now_ms = now_s * 1000 + now_us / 1000;
-    let registry: Vec<(String, f64)> = redis::cmd("ZRANGE")
-        .arg(format!("{prefix}{{gateway}}:replicas"))
-        .arg(0)
-        .arg(-1)
-        .arg("WITHSCORES")
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| e.to_string())?;
+    let registry = zrange_with_scores(&mut conn, &registry_key(prefix)).await?;
     let admins: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(format!("{prefix}{{gateway}}:replicas:admin"))
+        .arg(admin_key(prefix))
         .query_async(&mut conn)
         .await
         .map_err(|e| e.to_string())?;
@@ -110,14 +119,7 @@ pub async fn run(redis_url: &str, prefix: &str, q: &Query) -> Result<String, Str
     );
 
     if let Some(user) = &q.user {
-        let slots: Vec<(String, f64)> = redis::cmd("ZRANGE")
-            .arg(format!("{prefix}{{u:{user}}}:slots"))
-            .arg(0)
-            .arg(-1)
-            .arg("WITHSCORES")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| e.to_string())?;
+        let slots = zrange_with_scores(&mut conn, &slots_key(prefix, user)).await?;
         let mut by_replica: Vec<(String, Vec<(String, i64)>)> = Vec::new();
         for (member, admitted) in slots {
             let (replica, stream) = member.split_once(':').unwrap_or((member.as_str(), "?"));

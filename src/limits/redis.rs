@@ -60,6 +60,21 @@ struct Inner {
     registry: Script,
 }
 
+/// A user's slot set (the one place that names it; `inspect` reads it too).
+pub fn slots_key(prefix: &str, sub: &str) -> String {
+    format!("{prefix}{{u:{sub}}}:slots")
+}
+
+/// The replica registry: replica id -> lease expiry.
+pub fn registry_key(prefix: &str) -> String {
+    format!("{prefix}{{gateway}}:replicas")
+}
+
+/// Replica id -> admin address, beside the registry.
+pub fn admin_key(prefix: &str) -> String {
+    format!("{prefix}{{gateway}}:replicas:admin")
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -102,11 +117,11 @@ impl RedisLimiter {
 
 impl Inner {
     fn slots_key(&self, sub: &str) -> String {
-        format!("{}{{u:{sub}}}:slots", self.prefix)
+        slots_key(&self.prefix, sub)
     }
 
     fn registry_key(&self) -> String {
-        format!("{}{{gateway}}:replicas", self.prefix)
+        registry_key(&self.prefix)
     }
 
     fn member(&self, stream: u64) -> String {
@@ -208,7 +223,7 @@ impl Inner {
         let lease_ms = self.lease.as_millis() as i64;
         let mut invocation = self.registry.key(self.registry_key());
         invocation
-            .key(format!("{}{{gateway}}:replicas:admin", self.prefix))
+            .key(admin_key(&self.prefix))
             .arg(&self.replica)
             .arg(lease_ms)
             .arg(&self.admin_addr);
