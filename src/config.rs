@@ -334,11 +334,11 @@ impl Settings {
             || self
                 .channel_prefix
                 .bytes()
-                .any(|b| !(b'!'..=b'~').contains(&b))
+                .any(|b| !(b'!'..=b'~').contains(&b) || b == b'{' || b == b'}')
         {
             return Err(bad(
                 "SSE_GATEWAY_CHANNEL_PREFIX",
-                "must be 1 or more printable ASCII characters without spaces (default sse:)",
+                "must be 1 or more printable ASCII characters without spaces or braces (default sse:)",
             ));
         }
         let jwt_key = match (self.jwt_secret, self.jwt_public_key_file) {
@@ -483,14 +483,24 @@ impl Settings {
 
 fn validate_redis_url(url: String) -> Result<String, ConfigError> {
     const SETTING: &str = "SSE_GATEWAY_REDIS_URL";
-    if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+    const SCHEMES: [&str; 6] = [
+        "redis://",
+        "rediss://",
+        "redis+sentinel://",
+        "rediss+sentinel://",
+        "redis+cluster://",
+        "rediss+cluster://",
+    ];
+    if !SCHEMES.iter().any(|s| url.starts_with(s)) {
         return Err(bad(
             SETTING,
-            "must start with redis:// or rediss:// (example: redis://127.0.0.1:6379/0)",
+            "must start with redis://, rediss://, redis+sentinel:// or redis+cluster:// \
+             (examples: redis://127.0.0.1:6379/0, redis+sentinel://s1:26379,s2:26379/mymaster, \
+             redis+cluster://n1:6379,n2:6379)",
         ));
     }
     // Parse it the way the driver will, so a typo fails here rather than at the first connect.
-    redis::Client::open(url.as_str())
+    crate::backend::Topology::parse(&url)
         .map_err(|e| bad(SETTING, format!("cannot be parsed: {e}")))?;
     Ok(url)
 }

@@ -64,7 +64,7 @@ fn encode_query(v: &str) -> String {
 }
 
 async fn zrange_with_scores(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut crate::backend::Conn,
     key: &str,
 ) -> Result<Vec<(String, f64)>, String> {
     redis::cmd("ZRANGE")
@@ -79,14 +79,14 @@ async fn zrange_with_scores(
 
 /// Runs the inspection and returns the report.
 pub async fn run(redis_url: &str, prefix: &str, q: &Query) -> Result<String, String> {
-    let client = redis::Client::open(redis_url).map_err(|e| format!("--redis-url: {e}"))?;
-    let mut conn = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.get_multiplexed_async_connection(),
-    )
-    .await
-    .map_err(|_| format!("cannot reach Redis at {redis_url} within 5 s"))?
-    .map_err(|e| format!("cannot connect to Redis: {e}"))?;
+    let topology =
+        crate::backend::Topology::parse(redis_url).map_err(|e| format!("--redis-url: {e}"))?;
+    let sharded = topology.sharded();
+    let commands = crate::backend::Commands::new(topology);
+    let mut conn = tokio::time::timeout(Duration::from_secs(5), commands.get())
+        .await
+        .map_err(|_| "cannot reach Redis (--redis-url) within 5 s".to_string())?
+        .map_err(|e| format!("cannot connect to Redis: {e}"))?;
     let (now_s, now_us): (i64, i64) = redis::cmd("TIME")
         .query_async(&mut conn)
         .await
@@ -196,7 +196,7 @@ pub async fn run(redis_url: &str, prefix: &str, q: &Query) -> Result<String, Str
 
     if let Some(channel) = &q.channel {
         let (_, numsub): (String, i64) = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
+            .arg(if sharded { "SHARDNUMSUB" } else { "NUMSUB" })
             .arg(format!("{prefix}{channel}"))
             .query_async(&mut conn)
             .await

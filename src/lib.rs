@@ -26,6 +26,7 @@
 //! - `devmode`: what a plain start prints.
 
 pub mod auth;
+pub mod backend;
 pub mod body;
 pub mod broker;
 pub mod channel;

@@ -159,7 +159,7 @@ async fn no_event_is_silently_lost_through_kills_drains_and_a_redis_restart() {
                     redis::cmd("FCALL")
                         .arg("sse_publish")
                         .arg(1)
-                        .arg("{c:chaos}")
+                        .arg("{sse:chaos}")
                         .arg(n.to_string())
                         .query::<Vec<String>>(c)
                         .is_ok()
@@ -215,7 +215,7 @@ async fn no_event_is_silently_lost_through_kills_drains_and_a_redis_restart() {
             .get_connection()
             .unwrap();
         let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-            .arg("sse:{c:chaos}:history")
+            .arg("{sse:chaos}:history")
             .arg("-")
             .arg("+")
             .query(&mut conn)

@@ -205,7 +205,7 @@ fn fcall(redis_port: u16, payload: &str) {
     let _: Vec<String> = redis::cmd("FCALL")
         .arg("sse_publish")
         .arg(1)
-        .arg("{c:web}")
+        .arg("{sse:web}")
         .arg(payload)
         .query(&mut conn)
         .unwrap();

@@ -24,7 +24,7 @@ fn fcall(redis: &Redis, channel: &str, payload: &str) -> Result<Vec<String>, red
     redis::cmd("FCALL")
         .arg("sse_publish")
         .arg(1)
-        .arg(format!("{{c:{channel}}}"))
+        .arg(format!("{{sse:{channel}}}"))
         .arg(payload)
         .query(&mut conn)
 }
@@ -146,7 +146,7 @@ async fn reconnecting_while_a_publisher_runs_flat_out_loses_and_repeats_nothing(
             let _: Vec<String> = redis::cmd("FCALL")
                 .arg("sse_publish")
                 .arg(1)
-                .arg("{c:flood}")
+                .arg("{sse:flood}")
                 .arg(format!("{i}"))
                 .query(&mut conn)
                 .unwrap();
@@ -354,7 +354,7 @@ async fn the_readme_redis_cli_example_publishes_durably() {
     let err = fcall(&redis, "orders", r#"{"event":"gateway.x","data":1}"#).unwrap_err();
     assert!(err.to_string().contains("reserved"), "{err}");
     let err = fcall(&redis, "bad name", "x").unwrap_err();
-    assert!(err.to_string().contains("{c:"), "{err}");
+    assert!(err.to_string().contains("{sse:<channel>}"), "{err}");
 }
 
 #[tokio::test]
@@ -410,7 +410,7 @@ async fn the_outage_fill_comes_before_live_events_that_follow_it() {
             let _: Vec<String> = redis::cmd("FCALL")
                 .arg("sse_publish")
                 .arg(1)
-                .arg("{c:steady}")
+                .arg("{sse:steady}")
                 .arg(i.to_string())
                 .query(&mut conn)
                 .unwrap();

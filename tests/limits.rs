@@ -86,7 +86,9 @@ async fn the_redis_limiter_keeps_the_contract() {
     ])
     .unwrap();
     let config = cli.settings.into_config().unwrap();
-    let pool = sse_gateway::broker::redis::pool(&redis.url()).unwrap();
+    let pool = sse_gateway::backend::Commands::new(
+        sse_gateway::backend::Topology::parse(&redis.url()).unwrap(),
+    );
     let limiter = RedisLimiter::start(
         pool,
         &config,

@@ -118,7 +118,7 @@ Stream (through nginx):
 Publish, fire-and-forget:
   redis-cli -p $redis_port PUBLISH sse:demo 'hello'
 Publish, durable (resumable):
-  redis-cli -p $redis_port FCALL sse_publish 1 '{c:demo}' '{"event":"greeting","data":"hello"}'
+  redis-cli -p $redis_port FCALL sse_publish 1 '{sse:demo}' '{"event":"greeting","data":"hello"}'
 Stop everything:
   $0 stop
 TXT

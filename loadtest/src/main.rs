@@ -1,30 +1,38 @@
-//! `sse-loadtest`: opens many SSE streams against one or more gateway replicas and reports
-//! what an SRE sizes a deployment by.
+//! `sse-loadtest`: opens many SSE streams against sse-gateway (or a peer system), publishes at a
+//! fixed rate, and reports what an SRE sizes a deployment by.
 //!
-//! - `idle`: N streams that only receive heartbeats; reports each replica's RSS growth per stream
-//!   (from its `/metrics`).
-//! - `broadcast`: N streams on one channel spread over the replicas; publishes through Redis at a
-//!   fixed rate and reports publish-to-receive latency percentiles. Each payload carries its
-//!   intended send time, so a stalled publisher cannot hide latency (no coordinated omission).
-//!
-//! One process holds at most ~19,500 streams (the open-file limit): run several processes and
-//! spread them over source addresses with `--source-ips`.
+//! Every streaming scenario runs its clients through a fleet (this process, or `--workers K`
+//! processes for more than one process's ~19,500 open files), prints live progress each second,
+//! and ends with a summary, optionally a JSON report (`--json`) and a self-contained HTML report
+//! with charts (`--html`). Latency is measured from each event's intended send time, so a stalled
+//! publisher cannot hide it (no coordinated omission).
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-mod more;
-use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::Semaphore;
+mod clients;
+mod drive;
+mod fleet;
+mod net;
+mod oneoff;
+mod report;
+mod stats;
+
+use clients::{ClientConfig, Plan};
+use drive::{Publisher, Servers, Via};
+use fleet::Fleet;
+use report::Report;
+use stats::Percentiles;
 
 #[derive(Parser)]
-#[command(name = "sse-loadtest", about = "Load generator for sse-gateway")]
+#[command(
+    name = "sse-loadtest",
+    about = "Load generator for sse-gateway and its peers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Scenario,
@@ -32,13 +40,64 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
-    /// Hold N idle streams and report memory per stream on each replica.
+    /// Hold N idle streams: time to open them and the servers' memory per stream.
     Idle {
         #[command(flatten)]
         common: Common,
         /// Seconds to hold the streams after they are all open.
         #[arg(long, default_value_t = 5)]
         hold_secs: u64,
+    },
+    /// N streams on one channel; events published at a fixed rate; delivery rate and latency.
+    Broadcast {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        publish: PublishArgs,
+        #[command(flatten)]
+        pace: Pace,
+    },
+    /// One channel per stream; events to random streams; delivery latency.
+    Private {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        publish: PublishArgs,
+        #[command(flatten)]
+        pace: Pace,
+    },
+    /// Connect, first bytes, close, from C workers as fast as possible: connects per second.
+    Churn {
+        #[command(flatten)]
+        common: Common,
+        /// Connecting loops (spread over --workers processes).
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// How long to run, in seconds.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+    },
+    /// Durable numbered events to N streams that reconnect with Last-Event-ID when cut: checks
+    /// every client got every event once and in order, or an honest `gateway.gap`.
+    Audit {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        durable: Durable,
+        /// Kill this process (e.g. a replica's PID) during the run.
+        #[arg(long)]
+        kill_pid: Option<u32>,
+    },
+    /// Kill a replica holding streams while durable events flow: time until every client is
+    /// back and caught up, and the audit of what they received.
+    Storm {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        durable: Durable,
+        /// The replica to kill (SIGKILL).
+        #[arg(long)]
+        kill_pid: u32,
     },
     /// Hold idle streams multiplexed over cleartext HTTP/2 connections (prior knowledge) and
     /// report memory per stream.
@@ -92,729 +151,470 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
-    /// One channel per stream; events to random streams through Redis; delivery latency.
-    Private {
-        #[command(flatten)]
-        common: Common,
-        /// Redis the replicas use.
-        #[arg(long, default_value = "redis://127.0.0.1:6379")]
-        redis_url: String,
-        /// Channel prefix of the replicas.
-        #[arg(long, default_value = "sse:")]
-        prefix: String,
-        /// Events to publish.
-        #[arg(long, default_value_t = 2000)]
-        events: u64,
-        /// Events per second.
-        #[arg(long, default_value_t = 200)]
-        rate: u64,
+    /// Print JSON reports side by side as a Markdown table.
+    Table {
+        /// Report files written with --json.
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
     },
-    /// Connect, first bytes, close, as fast as possible: connects per second.
-    Churn {
-        #[command(flatten)]
-        common: Common,
-        /// Connecting workers.
-        #[arg(long, default_value_t = 32)]
-        concurrency: usize,
-        /// How long to run, in seconds.
-        #[arg(long, default_value_t = 10)]
-        secs: u64,
+    /// Estimate the replicas a workload needs from an idle report and a load report.
+    Capacity {
+        /// JSON report of an `idle` run (memory per stream).
+        #[arg(long)]
+        idle: PathBuf,
+        /// JSON report of a `broadcast` or `private` run (CPU per delivery).
+        #[arg(long)]
+        load: PathBuf,
+        /// Streams the deployment must hold.
+        #[arg(long)]
+        streams: f64,
+        /// Events per second published.
+        #[arg(long)]
+        events_per_sec: f64,
+        /// Streams each event reaches on average.
+        #[arg(long, default_value_t = 1.0)]
+        fanout: f64,
+        /// Memory limit of one replica, in MiB.
+        #[arg(long, default_value_t = 1024.0)]
+        memory_mib: f64,
+        /// CPU cores of one replica.
+        #[arg(long, default_value_t = 1.0)]
+        cores: f64,
+        /// Share of a replica's CPU and memory to plan for.
+        #[arg(long, default_value_t = 0.6)]
+        utilization: f64,
+        /// Streams one replica may hold (its open-file limit minus a margin).
+        #[arg(long, default_value_t = 19_500.0)]
+        max_streams_per_replica: f64,
     },
-    /// N streams on one channel; publish through Redis; report delivery latency.
-    Broadcast {
-        #[command(flatten)]
-        common: Common,
-        /// Redis the replicas use.
-        #[arg(long, default_value = "redis://127.0.0.1:6379")]
-        redis_url: String,
-        /// Channel prefix of the replicas.
-        #[arg(long, default_value = "sse:")]
-        prefix: String,
-        /// Events to publish.
-        #[arg(long, default_value_t = 200)]
-        events: u64,
-        /// Events per second.
-        #[arg(long, default_value_t = 20)]
-        rate: u64,
-    },
+    /// Internal: the client side of a run in a worker process (started by --workers).
+    #[command(hide = true)]
+    ClientWorker,
 }
 
 #[derive(Args)]
 pub(crate) struct Common {
-    /// Client addresses of the replicas (streams are spread round-robin).
+    /// Client addresses of the system under test (streams are spread round-robin).
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:8080")]
     targets: Vec<SocketAddr>,
-    /// Admin addresses of the replicas, to read their memory from /metrics.
+    /// Admin addresses of sse-gateway replicas: memory and CPU from their /metrics.
     #[arg(long, value_delimiter = ',')]
     admins: Vec<SocketAddr>,
+    /// PIDs of the server processes: memory and CPU from /proc (any system; wins over --admins).
+    #[arg(long, value_delimiter = ',')]
+    pids: Vec<u32>,
     /// HS256 secret of the replicas, to mint tokens.
     #[arg(long, env = "SSE_GATEWAY_JWT_SECRET", hide_env_values = true)]
     secret: String,
     /// Streams to open.
     #[arg(long, default_value_t = 1000)]
     streams: usize,
-    /// Channel the streams subscribe to.
+    /// Channel the streams subscribe to (`private` appends `-<stream>`).
     #[arg(long, default_value = "load")]
     channel: String,
     /// Local addresses to connect from, round-robin (e.g. 127.0.0.2,127.0.0.3).
     #[arg(long, value_delimiter = ',')]
     source_ips: Vec<IpAddr>,
-    /// Connection attempts in flight at once.
+    /// Connection attempts in flight at once (per process).
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
+    /// Client processes; each holds every K-th stream (one holds at most ~19,500).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Name of the system under test, for the reports.
+    #[arg(long, default_value = "sse-gateway")]
+    label: String,
+    /// Name of the run in the reports (default: the scenario), e.g. `light` for a slow broadcast.
+    #[arg(long)]
+    name: Option<String>,
+    /// Write the JSON report here.
+    #[arg(long)]
+    json: Option<String>,
+    /// Write the self-contained HTML report here.
+    #[arg(long)]
+    html: Option<String>,
 }
 
-/// Waits until `start + offset` precisely: the timer wheel ticks per millisecond, so it sleeps to
-/// just before the slot and yields until it, and timer rounding does not count as latency.
-pub(crate) async fn wait_until(start: tokio::time::Instant, offset: Duration) {
-    let due = start + offset;
-    tokio::time::sleep_until(due - Duration::from_millis(2).min(offset)).await;
-    while tokio::time::Instant::now() < due {
-        tokio::task::yield_now().await;
+impl Common {
+    fn servers(&self) -> Servers {
+        Servers {
+            pids: self.pids.clone(),
+            admins: self.admins.clone(),
+        }
     }
-}
 
-pub(crate) fn unix_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
+    fn clients(&self, plan: Plan, streams: usize) -> ClientConfig {
+        ClientConfig {
+            plan,
+            targets: self.targets.clone(),
+            source_ips: self.source_ips.clone(),
+            secret: self.secret.clone(),
+            streams,
+            channel: self.channel.clone(),
+            connect_concurrency: self.connect_concurrency,
+            reconnect_jitter_ms: 500,
+            index: 0,
+            count: 1,
+        }
+    }
 
-pub(crate) fn mint(secret: &str, sub: &str, channel: &str) -> String {
-    let claims = serde_json::json!({
-        "sub": sub,
-        "exp": unix_nanos() / 1_000_000_000 + 86_400,
-        "channels": [channel],
-    });
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .expect("HS256 signing cannot fail")
-}
-
-pub(crate) async fn connect(
-    target: SocketAddr,
-    source: Option<IpAddr>,
-) -> std::io::Result<TcpStream> {
-    match source {
-        None => TcpStream::connect(target).await,
-        Some(ip) => {
-            let socket = if ip.is_ipv4() {
-                TcpSocket::new_v4()?
-            } else {
-                TcpSocket::new_v6()?
-            };
-            socket.bind(SocketAddr::new(ip, 0))?;
-            socket.connect(target).await
+    fn report(&self, scenario: &str, params: serde_json::Value) -> Report {
+        Report {
+            scenario: self.name.clone().unwrap_or_else(|| scenario.into()),
+            system: self.label.clone(),
+            started: net::unix_nanos() / 1_000_000_000,
+            params,
+            streams_requested: self.streams as u64,
+            ..Report::default()
         }
     }
 }
 
-/// An open stream, past its response head.
-pub(crate) struct Stream {
-    pub(crate) tcp: TcpStream,
-    /// Bytes read past the head (start of the chunked body).
-    pub(crate) rest: Vec<u8>,
-}
-
-pub(crate) async fn open(
-    target: SocketAddr,
-    source: Option<IpAddr>,
-    token: &str,
-    channel: &str,
-) -> Result<Stream, String> {
-    let mut tcp = connect(target, source)
-        .await
-        .map_err(|e| format!("connect {target}: {e}"))?;
-    let req = format!(
-        "GET /events?channel={channel} HTTP/1.1\r\nHost: {target}\r\nAuthorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n"
-    );
-    tcp.write_all(req.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("closed before the response head".into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            if !head.starts_with("HTTP/1.1 200") {
-                return Err(head.lines().next().unwrap_or("").to_string());
-            }
-            return Ok(Stream {
-                tcp,
-                rest: buf[end + 4..].to_vec(),
-            });
-        }
-    }
-}
-
-/// Decodes chunked transfer coding and turns each `data: <send time>` line into a latency.
-#[derive(Default)]
-pub(crate) struct Decoder {
-    raw: Vec<u8>,
-    body: Vec<u8>,
-}
-
-impl Decoder {
-    pub(crate) fn feed(&mut self, bytes: &[u8], latencies_us: &mut Vec<u64>) {
-        self.raw.extend_from_slice(bytes);
-        while let Some(eol) = self.raw.windows(2).position(|w| w == b"\r\n") {
-            let size = std::str::from_utf8(&self.raw[..eol])
-                .ok()
-                .and_then(|s| usize::from_str_radix(s.trim(), 16).ok())
-                .unwrap_or(0);
-            if self.raw.len() < eol + 2 + size + 2 {
-                break;
-            }
-            self.body
-                .extend_from_slice(&self.raw[eol + 2..eol + 2 + size]);
-            self.raw.drain(..eol + 2 + size + 2);
-        }
-        let mut consumed = 0;
-        while let Some(nl) = self.body[consumed..].iter().position(|&b| b == b'\n') {
-            let line = &self.body[consumed..consumed + nl];
-            if let Some(sent) = line
-                .strip_prefix(b"data: ")
-                .and_then(|d| std::str::from_utf8(d).ok())
-                .and_then(|t| t.parse::<u64>().ok())
-            {
-                latencies_us.push(unix_nanos().saturating_sub(sent) / 1000);
-            }
-            consumed += nl + 1;
-        }
-        self.body.drain(..consumed);
-    }
-}
-
-/// Opens `n` streams spread over targets and sources; returns them (failures are counted).
-async fn open_all(common: &Common) -> Vec<(usize, Stream)> {
-    let limit = Arc::new(Semaphore::new(common.connect_concurrency.max(1)));
-    let failures = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::with_capacity(common.streams);
-    for i in 0..common.streams {
-        let target = common.targets[i % common.targets.len()];
-        let source =
-            (!common.source_ips.is_empty()).then(|| common.source_ips[i % common.source_ips.len()]);
-        let token = mint(&common.secret, &format!("load-{i}"), &common.channel);
-        let channel = common.channel.clone();
-        let limit = limit.clone();
-        let failures = failures.clone();
-        tasks.push(tokio::spawn(async move {
-            let _permit = limit.acquire().await.ok()?;
-            match open(target, source, &token, &channel).await {
-                Ok(s) => Some((i % 1_000_000, s)),
-                Err(e) => {
-                    if failures.fetch_add(1, Ordering::Relaxed) < 5 {
-                        eprintln!("stream {i}: {e}");
-                    }
-                    None
-                }
-            }
-        }));
-    }
-    let mut streams = Vec::with_capacity(common.streams);
-    for t in tasks {
-        if let Ok(Some(s)) = t.await {
-            streams.push(s);
-        }
-    }
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "opened {} of {} streams in {secs:.1}s ({:.0}/s), {} failed",
-        streams.len(),
-        common.streams,
-        streams.len() as f64 / secs.max(0.001),
-        failures.load(Ordering::Relaxed)
-    );
-    streams
-}
-
-async fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
-    let mut tcp = TcpStream::connect(admin).await.ok()?;
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        .await
-        .ok()?;
-    let mut text = String::new();
-    tcp.read_to_string(&mut text).await.ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-async fn rss_all(admins: &[SocketAddr]) -> Vec<f64> {
-    let mut out = Vec::new();
-    for a in admins {
-        out.push(
-            metric(*a, "process_resident_memory_bytes")
-                .await
-                .unwrap_or(f64::NAN),
-        );
-    }
-    out
-}
-
-async fn idle(common: Common, hold: Duration) {
-    let before = rss_all(&common.admins).await;
-    let streams = open_all(&common).await;
-    let readers: Vec<_> = streams
-        .into_iter()
-        .map(|(_, mut s)| {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 512];
-                while let Ok(n) = s.tcp.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                }
-            })
-        })
-        .collect();
-    let open = readers.len();
-    tokio::time::sleep(hold).await;
-    let after = rss_all(&common.admins).await;
-    for (i, admin) in common.admins.iter().enumerate() {
-        let conns = metric(*admin, "sse_gateway_connections")
-            .await
-            .unwrap_or(0.0);
-        let delta = after[i] - before[i];
-        println!(
-            "replica {admin}: {conns:.0} streams, RSS {:.1} MiB -> {:.1} MiB, {:.2} KiB per stream",
-            before[i] / 1048576.0,
-            after[i] / 1048576.0,
-            if conns > 0.0 {
-                delta / conns / 1024.0
-            } else {
-                f64::NAN
-            }
-        );
-    }
-    println!("held {open} idle streams for {}s", hold.as_secs());
-    for r in readers {
-        r.abort();
-    }
-}
-
-async fn broadcast(common: Common, redis_url: String, prefix: String, events: u64, rate: u64) {
-    let streams = open_all(&common).await;
-    let n = streams.len() as u64;
-    let deadline_after_last = Duration::from_secs(10);
-    let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
-    let total_time = interval * events as u32 + deadline_after_last;
-    let readers: Vec<_> = streams
-        .into_iter()
-        .map(|(_, mut s)| {
-            tokio::spawn(async move {
-                let mut latencies = Vec::with_capacity(events as usize);
-                let mut decoder = Decoder {
-                    raw: Vec::new(),
-                    body: Vec::new(),
-                };
-                let rest = std::mem::take(&mut s.rest);
-                decoder.feed(&rest, &mut latencies);
-                let mut buf = vec![0u8; 16 * 1024];
-                let end = tokio::time::Instant::now() + total_time;
-                while (latencies.len() as u64) < events {
-                    match tokio::time::timeout_at(end, s.tcp.read(&mut buf)).await {
-                        Ok(Ok(n)) if n > 0 => decoder.feed(&buf[..n], &mut latencies),
-                        _ => break,
-                    }
-                }
-                latencies
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let client = redis::Client::open(redis_url.as_str()).expect("--redis-url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to Redis");
-    let channel = format!("{prefix}{}", common.channel);
-    let start = tokio::time::Instant::now();
-    let start_unix = unix_nanos();
-    for i in 0..events {
-        let offset = interval * i as u32;
-        wait_until(start, offset).await;
-        // The intended send time, not the actual one: a late publisher shows up as latency.
-        let intended = start_unix + offset.as_nanos() as u64;
-        let _: Result<i64, _> = redis::cmd("PUBLISH")
-            .arg(&channel)
-            .arg(intended.to_string())
-            .query_async(&mut conn)
-            .await;
-    }
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-    let mut received = 0u64;
-    for r in readers {
-        if let Ok(lat) = r.await {
-            received += lat.len() as u64;
-            for l in lat {
-                let _ = hist.record(l.max(1));
-            }
-        }
-    }
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    println!(
-        "broadcast: {n} streams x {events} events at {rate}/s: received {received} of {} ({:.3}%)",
-        n * events,
-        100.0 * received as f64 / (n * events).max(1) as f64
-    );
-    println!(
-        "latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
-        ms(0.5),
-        ms(0.9),
-        ms(0.99),
-        ms(0.999),
-        hist.max() as f64 / 1000.0
-    );
-}
-
-async fn idle_h2(common: Common, per_connection: usize, hold: Duration) {
-    use http_body_util::Empty;
-    let before = rss_all(&common.admins).await;
-    let connections = common.streams.div_ceil(per_connection.max(1));
-    let started = Instant::now();
-    let mut bodies = Vec::with_capacity(common.streams);
-    let mut opened = 0usize;
-    for c in 0..connections {
-        let target = common.targets[c % common.targets.len()];
-        let tcp = match connect(target, None).await {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("connect {target}: {e}");
-                continue;
-            }
-        };
-        let Ok((sender, conn)) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        else {
-            eprintln!("HTTP/2 handshake with {target} failed");
-            continue;
-        };
-        tokio::spawn(conn);
-        let n = per_connection.min(common.streams - opened);
-        let requests = (0..n).map(|i| {
-            let mut sender = sender.clone();
-            let token = mint(&common.secret, &format!("h2-{c}-{i}"), &common.channel);
-            let req =
-                hyper::Request::get(format!("http://{target}/events?channel={}", common.channel))
-                    .header("authorization", format!("Bearer {token}"))
-                    .body(Empty::<bytes::Bytes>::new());
-            async move {
-                let req = req.ok()?;
-                let resp = sender.send_request(req).await.ok()?;
-                (resp.status() == 200).then(|| resp.into_body())
-            }
-        });
-        for body in futures_join(requests).await.into_iter().flatten() {
-            bodies.push(body);
-        }
-        opened += n;
-    }
-    println!(
-        "opened {} HTTP/2 streams over {connections} connections in {:.1}s",
-        bodies.len(),
-        started.elapsed().as_secs_f64()
-    );
-    tokio::time::sleep(hold).await;
-    let after = rss_all(&common.admins).await;
-    for (i, admin) in common.admins.iter().enumerate() {
-        let conns = metric(*admin, "sse_gateway_connections")
-            .await
-            .unwrap_or(0.0);
-        println!(
-            "replica {admin}: {conns:.0} streams, RSS {:.1} MiB -> {:.1} MiB, {:.2} KiB per HTTP/2 stream",
-            before[i] / 1048576.0,
-            after[i] / 1048576.0,
-            (after[i] - before[i]) / conns.max(1.0) / 1024.0
-        );
-    }
-    drop(bodies);
-}
-
-async fn futures_join<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futures.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        if let Ok(v) = h.await {
-            out.push(v);
-        }
-    }
-    out
-}
-
-async fn connect_latency(common: Common) {
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-    let mut failures = 0;
-    let started = Instant::now();
-    for i in 0..common.streams {
-        let target = common.targets[i % common.targets.len()];
-        let source =
-            (!common.source_ips.is_empty()).then(|| common.source_ips[i % common.source_ips.len()]);
-        let token = mint(&common.secret, &format!("connect-{i}"), &common.channel);
-        let t0 = Instant::now();
-        match open(target, source, &token, &common.channel).await {
-            Ok(stream) => {
-                let _ = hist.record((t0.elapsed().as_micros() as u64).max(1));
-                drop(stream);
-            }
-            Err(e) => {
-                failures += 1;
-                if failures <= 5 {
-                    eprintln!("connect {i}: {e}");
-                }
-            }
-        }
-    }
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    println!(
-        "connect: {} sequential streams in {:.1}s, {failures} failed; time to 200 ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
-        common.streams,
-        started.elapsed().as_secs_f64(),
-        ms(0.5),
-        ms(0.9),
-        ms(0.99),
-        hist.max() as f64 / 1000.0
-    );
-}
-
-fn mint_publisher(secret: &str) -> String {
-    let claims = serde_json::json!({
-        "sub": "loadtest-publisher",
-        "exp": unix_nanos() / 1_000_000_000 + 86_400,
-        "publish": ["*"],
-    });
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .expect("HS256 signing cannot fail")
-}
-
-/// Sends one POST /publish on a keep-alive connection and reads the answer; the status.
-async fn post_publish(
-    tcp: &mut TcpStream,
-    target: SocketAddr,
-    token: &str,
-    body: &str,
-    buf: &mut Vec<u8>,
-) -> Result<u16, String> {
-    let req = format!(
-        "POST /publish HTTP/1.1\r\nHost: {target}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    tcp.write_all(req.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    buf.clear();
-    let mut chunk = [0u8; 2048];
-    loop {
-        let n = tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("connection closed".into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            continue;
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-        let len: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        if buf.len() >= end + 4 + len {
-            let status = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            return Ok(status);
-        }
-    }
-}
-
-async fn publish_throughput(
-    common: Common,
+#[derive(Args)]
+struct PublishArgs {
+    /// How events enter the system: `redis` (PUBLISH), `fcall` (durable, Redis function),
+    /// `http` (POST /publish on the targets) or `nchan` (POST to Nchan's publisher location).
+    #[arg(long, default_value = "redis")]
     via: String,
+    /// Redis of the system under test.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
-    function: String,
-    events: usize,
-    concurrency: usize,
-) {
-    let per = events / concurrency.max(1);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..concurrency.max(1) {
-        let target = common.targets[w % common.targets.len()];
-        let channel = common.channel.clone();
-        let token = mint_publisher(&common.secret);
-        let via = via.clone();
-        let redis_url = redis_url.clone();
-        let function = function.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut ok = 0usize;
-            if via == "redis" {
-                let client = redis::Client::open(redis_url.as_str()).expect("--redis-url");
-                let mut conn = client
-                    .get_multiplexed_async_connection()
-                    .await
-                    .expect("connect to Redis");
-                for i in 0..per {
-                    let r: Result<Vec<String>, _> = redis::cmd("FCALL")
-                        .arg(&function)
-                        .arg(1)
-                        .arg(format!("{{c:{channel}}}"))
-                        .arg(format!("{{\"data\":\"w{w}-{i}\"}}"))
-                        .query_async(&mut conn)
-                        .await;
-                    ok += usize::from(r.is_ok());
-                }
+    /// Channel prefix for `--via redis`.
+    #[arg(long, default_value = "sse:")]
+    prefix: String,
+    /// Nchan's publisher address (default: the first target).
+    #[arg(long)]
+    nchan_publish: Option<SocketAddr>,
+    /// Nchan's publisher path; the channel goes in `?channel=`.
+    #[arg(long, default_value = "/pub")]
+    nchan_path: String,
+}
+
+impl PublishArgs {
+    fn via(&self, common: &Common) -> Result<Via, String> {
+        Ok(match self.via.as_str() {
+            "redis" => Via::Redis {
+                url: self.redis_url.clone(),
+                prefix: self.prefix.clone(),
+            },
+            "fcall" => Via::Fcall {
+                url: self.redis_url.clone(),
+            },
+            "http" => Via::Gateway {
+                targets: common.targets.clone(),
+                secret: common.secret.clone(),
+            },
+            "nchan" => Via::Nchan {
+                addr: self.nchan_publish.unwrap_or(common.targets[0]),
+                path: self.nchan_path.clone(),
+            },
+            other => {
+                return Err(format!(
+                    "--via {other}: expected redis, fcall, http or nchan"
+                ))
+            }
+        })
+    }
+}
+
+#[derive(Args)]
+struct Pace {
+    /// Events to publish.
+    #[arg(long, default_value_t = 200)]
+    events: u64,
+    /// Events per second.
+    #[arg(long, default_value_t = 20)]
+    rate: u64,
+    /// Seconds to wait for the last deliveries after the last publish.
+    #[arg(long, default_value_t = 10)]
+    grace_secs: u64,
+}
+
+#[derive(Args)]
+struct Durable {
+    #[command(flatten)]
+    publish: PublishArgs,
+    /// Seconds to publish for.
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    /// Events per second.
+    #[arg(long, default_value_t = 20)]
+    rate: u64,
+    /// Seconds into publishing when --kill-pid is killed.
+    #[arg(long, default_value_t = 3)]
+    kill_after_secs: u64,
+    /// Seconds to wait after the last publish for every client to catch up.
+    #[arg(long, default_value_t = 20)]
+    grace_secs: u64,
+}
+
+fn ms(h: &hdrhistogram::Histogram<u64>) -> Option<Percentiles> {
+    Percentiles::of(h)
+}
+
+async fn idle(common: Common, hold: Duration) -> Result<Report, String> {
+    let servers = common.servers();
+    let mut report = common.report("idle", serde_json::json!({ "hold_secs": hold.as_secs() }));
+    let before = servers.rss().await;
+    let fleet = Fleet::start(common.clients(Plan::Idle, common.streams), common.workers)?;
+    report.streams_opened = fleet.ready().await as u64;
+    report.open_secs = fleet.read(|s| s.ready_at).unwrap_or_default().as_secs_f64();
+    tokio::time::sleep(hold).await;
+    let after = servers.rss().await;
+    if let (Some(b), Some(a)) = (before, after) {
+        report.server_rss_mib = Some(a / 1048576.0);
+        report.rss_per_stream_kib = Some((a - b) / report.streams_opened.max(1) as f64 / 1024.0);
+    }
+    let (_, agg) = fleet.stop(0).await;
+    finish_report(&mut report, &agg, None);
+    Ok(report)
+}
+
+/// Copies the run totals into the report.
+fn finish_report(report: &mut Report, agg: &stats::Aggregate, summary: Option<clients::Summary>) {
+    report.deliveries = agg.delivered;
+    report.latency_ms = ms(&agg.latency);
+    report.connect_ms = ms(&agg.connect);
+    report.failed = agg.failed;
+    report.series = agg.series.clone();
+    report.audit = summary;
+}
+
+async fn streaming(
+    scenario: &str,
+    common: Common,
+    publish: PublishArgs,
+    pace: Pace,
+) -> Result<Report, String> {
+    let plan = if scenario == "private" {
+        Plan::Private
+    } else {
+        Plan::Broadcast
+    };
+    let via = publish.via(&common)?;
+    let servers = common.servers();
+    let mut report = common.report(
+        scenario,
+        serde_json::json!({ "events": pace.events, "rate": pace.rate, "via": publish.via }),
+    );
+    let mut publisher = Publisher::connect(via).await?;
+    let fleet = Fleet::start(common.clients(plan, common.streams), common.workers)?;
+    let opened = fleet.ready().await as u64;
+    report.streams_opened = opened;
+    report.open_secs = fleet.read(|s| s.ready_at).unwrap_or_default().as_secs_f64();
+    // Subscriptions are made when a stream opens; give every system the same moment to settle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cpu_before = servers.cpu().await;
+    let t0 = net::unix_nanos();
+    let delivered_before = fleet.read(|s| s.agg.delivered);
+    let streams = common.streams as u64;
+    let mut xorshift = 0x9e37_79b9_7f4a_7c15u64;
+    let channel = common.channel.clone();
+    let published = drive::paced(
+        &mut publisher,
+        pace.events,
+        pace.rate,
+        false,
+        |_| {
+            if plan == Plan::Private {
+                xorshift ^= xorshift << 13;
+                xorshift ^= xorshift >> 7;
+                xorshift ^= xorshift << 17;
+                format!("{channel}-{}", xorshift % streams.max(1))
             } else {
-                let mut tcp = TcpStream::connect(target).await.expect("connect");
-                let _ = tcp.set_nodelay(true);
-                let mut buf = Vec::new();
-                for i in 0..per {
-                    let body = format!("{{\"channel\":\"{channel}\",\"data\":\"w{w}-{i}\"}}");
-                    if let Ok(202) = post_publish(&mut tcp, target, &token, &body, &mut buf).await {
-                        ok += 1;
-                    }
+                channel.clone()
+            }
+        },
+        |_| {},
+    )
+    .await;
+    let expected = if plan == Plan::Private {
+        published
+    } else {
+        published * opened
+    };
+    fleet
+        .wait_for(Duration::from_secs(pace.grace_secs), |s| {
+            s.agg.delivered - delivered_before >= expected
+        })
+        .await;
+    let cpu_after = servers.cpu().await;
+    let (summary, agg) = fleet.stop(published).await;
+    let window = summary.last_delivery_ns.saturating_sub(t0) as f64 / 1e9;
+    finish_report(&mut report, &agg, None);
+    report.events_published = published;
+    report.deliveries_expected = expected;
+    report.deliveries_per_sec = Some(report.deliveries as f64 / window.max(0.001));
+    // `/metrics` counts CPU in whole seconds: a short run may show none; --pids is exact.
+    if let (Some(b), Some(a)) = (cpu_before, cpu_after.filter(|a| Some(*a) > cpu_before)) {
+        report.server_cpu_secs = Some(a - b);
+        report.cpu_ms_per_1k_deliveries =
+            Some((a - b) * 1000.0 / (report.deliveries.max(1) as f64 / 1000.0));
+    }
+    Ok(report)
+}
+
+async fn churn(common: Common, concurrency: usize, secs: u64) -> Result<Report, String> {
+    let mut report = common.report(
+        "churn",
+        serde_json::json!({ "concurrency": concurrency, "secs": secs }),
+    );
+    report.streams_requested = 0;
+    let fleet = Fleet::start(common.clients(Plan::Churn, concurrency), common.workers)?;
+    fleet.ready().await;
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let (_, agg) = fleet.stop(0).await;
+    finish_report(&mut report, &agg, None);
+    report.connects_per_sec = Some(agg.connects as f64 / secs.max(1) as f64);
+    Ok(report)
+}
+
+async fn audit(
+    scenario: &str,
+    common: Common,
+    durable: Durable,
+    kill_pid: Option<u32>,
+) -> Result<Report, String> {
+    let via = match durable.publish.via.as_str() {
+        // Durable events are the point: plain PUBLISH would have no ids to resume from.
+        "redis" => Via::Fcall {
+            url: durable.publish.redis_url.clone(),
+        },
+        _ => durable.publish.via(&common)?,
+    };
+    let mut report = common.report(
+        scenario,
+        serde_json::json!({
+            "secs": durable.secs, "rate": durable.rate, "kill_pid": kill_pid,
+            "kill_after_secs": durable.kill_after_secs,
+        }),
+    );
+    let mut publisher = Publisher::connect(via).await?;
+    let fleet = Fleet::start(common.clients(Plan::Audit, common.streams), common.workers)?;
+    let opened = fleet.ready().await as u64;
+    report.streams_opened = opened;
+    report.open_secs = fleet.read(|s| s.ready_at).unwrap_or_default().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let events = durable.secs * durable.rate;
+    let kill_at = durable.kill_after_secs * durable.rate;
+    let mut killed_at = None;
+    let channel = common.channel.clone();
+    let t0 = net::unix_nanos();
+    let published = drive::paced(
+        &mut publisher,
+        events,
+        durable.rate,
+        true,
+        |_| channel.clone(),
+        |i| {
+            if let (Some(pid), true) = (kill_pid, i == kill_at) {
+                let killed = std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if killed {
+                    killed_at = Some(net::unix_nanos());
+                } else {
+                    eprintln!("could not kill PID {pid}: is --kill-pid right?");
                 }
             }
-            ok
-        }));
-    }
-    let mut ok = 0;
-    for t in tasks {
-        ok += t.await.unwrap_or(0);
-    }
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "durable publish via {via}: {ok} of {} accepted in {secs:.2}s = {:.0} events/s ({} publishers)",
-        per * concurrency.max(1),
-        ok as f64 / secs,
-        concurrency
-    );
-}
-
-async fn resume_latency(common: Common, redis_url: String, missed: usize, rounds: usize) {
-    let client = redis::Client::open(redis_url.as_str()).expect("--redis-url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to Redis");
-    let target = common.targets[0];
-    let token = mint(&common.secret, "resume", &common.channel);
-    let mut times = Vec::new();
-    for round in 0..rounds {
-        // Publish one event and take its id from a first stream.
-        let stream = open(target, None, &token, &common.channel)
-            .await
-            .expect("stream");
-        let r: Vec<String> = redis::cmd("FCALL")
-            .arg("sse_publish")
-            .arg(1)
-            .arg(format!("{{c:{}}}", common.channel))
-            .arg("mark")
-            .query_async(&mut conn)
-            .await
-            .expect("FCALL");
-        drop(stream);
-        // The single-channel cursor: channel tag, epoch, position (what POST /publish returns).
-        let cursor = format!("{:08x}.{}.{}", fnv(&common.channel), r[0], r[1]);
-        for i in 0..missed {
-            let _: Vec<String> = redis::cmd("FCALL")
-                .arg("sse_publish")
-                .arg(1)
-                .arg(format!("{{c:{}}}", common.channel))
-                .arg(format!("{round}-{i}"))
-                .query_async(&mut conn)
-                .await
-                .expect("FCALL");
-        }
-        let t0 = Instant::now();
-        let mut tcp = connect(target, None).await.expect("connect");
-        let req = format!(
-            "GET /events?channel={} HTTP/1.1\r\nHost: {target}\r\nAuthorization: Bearer {token}\r\nLast-Event-ID: {cursor}\r\n\r\n",
-            common.channel
+        },
+    )
+    .await;
+    let expected = published * opened;
+    let caught_up = fleet
+        .wait_for(Duration::from_secs(durable.grace_secs), |s| {
+            s.agg.behind() == 0 && s.agg.delivered >= expected
+        })
+        .await;
+    if !caught_up {
+        eprintln!(
+            "not every client caught up within --grace-secs {}",
+            durable.grace_secs
         );
-        tcp.write_all(req.as_bytes()).await.expect("write");
-        let last = format!("data: {round}-{}\n", missed - 1);
-        let mut seen = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = tcp.read(&mut buf).await.expect("read");
-            assert!(n > 0, "stream closed before the last missed event");
-            seen.extend_from_slice(&buf[..n]);
-            if seen.windows(last.len()).any(|w| w == last.as_bytes()) {
-                break;
-            }
+    }
+    let (summary, agg) = fleet.stop(published).await;
+    if let Some(killed_ns) = killed_at {
+        // From the kill until the last client received an event published after it lost its
+        // stream: every client back and caught up.
+        report.storm_recovery_secs = (caught_up && summary.last_recovered_ns > killed_ns)
+            .then(|| (summary.last_recovered_ns - killed_ns) as f64 / 1e9);
+        let mut h = stats::histogram();
+        stats::add_buckets(&mut h, &summary.recovery);
+        report.recovery_ms = ms(&h);
+    }
+    let window = summary.last_delivery_ns.saturating_sub(t0) as f64 / 1e9;
+    finish_report(&mut report, &agg, Some(summary));
+    report.events_published = published;
+    report.deliveries_expected = expected;
+    report.deliveries_per_sec = Some(report.deliveries as f64 / window.max(0.001));
+    Ok(report)
+}
+
+fn load(path: &PathBuf) -> Result<Report, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{} is not a report: {e}", path.display()))
+}
+
+async fn run(command: Scenario) -> Result<bool, String> {
+    let (report, outputs) = match command {
+        Scenario::Idle { common, hold_secs } => {
+            let out = (common.json.clone(), common.html.clone());
+            (idle(common, Duration::from_secs(hold_secs)).await?, out)
         }
-        times.push(t0.elapsed());
-    }
-    times.sort();
-    println!(
-        "resume of {missed} missed events (connect to last event), {rounds} rounds: min {:.1} ms, median {:.1} ms, max {:.1} ms",
-        times[0].as_secs_f64() * 1000.0,
-        times[times.len() / 2].as_secs_f64() * 1000.0,
-        times[times.len() - 1].as_secs_f64() * 1000.0
-    );
-}
-
-fn fnv(s: &str) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in s.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h
-}
-
-#[tokio::main]
-async fn main() {
-    match Cli::parse().command {
-        Scenario::Connect { common } => connect_latency(common).await,
+        Scenario::Broadcast {
+            common,
+            publish,
+            pace,
+        } => {
+            let out = (common.json.clone(), common.html.clone());
+            (streaming("broadcast", common, publish, pace).await?, out)
+        }
         Scenario::Private {
             common,
-            redis_url,
-            prefix,
-            events,
-            rate,
+            publish,
+            pace,
         } => {
-            let (received, sent) = more::private(common, redis_url, prefix, events, rate).await;
-            if received != sent {
-                std::process::exit(1);
-            }
+            let out = (common.json.clone(), common.html.clone());
+            (streaming("private", common, publish, pace).await?, out)
         }
         Scenario::Churn {
             common,
             concurrency,
             secs,
         } => {
-            if more::churn(common, concurrency, secs).await == 0 {
-                std::process::exit(1);
-            }
+            let out = (common.json.clone(), common.html.clone());
+            (churn(common, concurrency, secs).await?, out)
+        }
+        Scenario::Audit {
+            common,
+            durable,
+            kill_pid,
+        } => {
+            let out = (common.json.clone(), common.html.clone());
+            (audit("audit", common, durable, kill_pid).await?, out)
+        }
+        Scenario::Storm {
+            common,
+            durable,
+            kill_pid,
+        } => {
+            let out = (common.json.clone(), common.html.clone());
+            (audit("storm", common, durable, Some(kill_pid)).await?, out)
         }
         Scenario::IdleH2 {
             common,
             per_connection,
             hold_secs,
-        } => idle_h2(common, per_connection, Duration::from_secs(hold_secs)).await,
+        } => {
+            oneoff::idle_h2(common, per_connection, Duration::from_secs(hold_secs)).await;
+            return Ok(true);
+        }
+        Scenario::Connect { common } => {
+            oneoff::connect_latency(common).await;
+            return Ok(true);
+        }
         Scenario::Publish {
             common,
             via,
@@ -822,20 +622,75 @@ async fn main() {
             function,
             events,
             concurrency,
-        } => publish_throughput(common, via, redis_url, function, events, concurrency).await,
+        } => {
+            oneoff::publish_throughput(common, via, redis_url, function, events, concurrency).await;
+            return Ok(true);
+        }
         Scenario::Resume {
             common,
             redis_url,
             missed,
             rounds,
-        } => resume_latency(common, redis_url, missed, rounds).await,
-        Scenario::Idle { common, hold_secs } => idle(common, Duration::from_secs(hold_secs)).await,
-        Scenario::Broadcast {
-            common,
-            redis_url,
-            prefix,
-            events,
-            rate,
-        } => broadcast(common, redis_url, prefix, events, rate).await,
+        } => {
+            oneoff::resume_latency(common, redis_url, missed, rounds).await;
+            return Ok(true);
+        }
+        Scenario::Table { reports } => {
+            let reports = reports.iter().map(load).collect::<Result<Vec<_>, _>>()?;
+            print!("{}", report::table(&reports));
+            return Ok(true);
+        }
+        Scenario::Capacity {
+            idle,
+            load: load_path,
+            streams,
+            events_per_sec,
+            fanout,
+            memory_mib,
+            cores,
+            utilization,
+            max_streams_per_replica,
+        } => {
+            let sizing = report::Sizing {
+                streams,
+                deliveries_per_sec: events_per_sec * fanout,
+                memory_per_replica_mib: memory_mib,
+                cores_per_replica: cores,
+                utilization,
+                max_streams_per_replica,
+            };
+            println!(
+                "{}",
+                report::capacity(&load(&idle)?, &load(&load_path)?, &sizing)?
+            );
+            return Ok(true);
+        }
+        Scenario::ClientWorker => {
+            fleet::worker_main().await?;
+            return Ok(true);
+        }
+    };
+    print!("{}", report.summary());
+    report.write(outputs.0.as_deref(), outputs.1.as_deref())?;
+    // A run that lost events or opened nothing fails, so scripts and CI notice.
+    let audit_ok = report
+        .audit
+        .as_ref()
+        .is_none_or(|a| a.lost == 0 && a.repeated == 0 && a.missing_at_end == 0);
+    let delivered_ok =
+        report.deliveries_expected == 0 || report.deliveries >= report.deliveries_expected;
+    let opened_ok = report.streams_requested == 0 || report.streams_opened > 0;
+    Ok(audit_ok && delivered_ok && opened_ok)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Cli::parse().command).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("sse-loadtest: {e}");
+            ExitCode::from(2)
+        }
     }
 }

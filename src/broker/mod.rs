@@ -154,7 +154,10 @@ pub fn from_config(
             }),
         }),
         Some(url) => {
-            let pool = redis::pool(url)?;
+            let pool = crate::backend::Commands::new(
+                crate::backend::Topology::parse(url)
+                    .map_err(|e| format!("SSE_GATEWAY_REDIS_URL: {e}"))?,
+            );
             let history = keep_history.then(|| RedisHistory::new(pool.clone(), config));
             let broker =
                 redis::RedisBroker::start(url, config, hub.clone(), pool.clone(), history.clone())?;

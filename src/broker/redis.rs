@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::backend::{Commands as Pool, Topology};
 use bytes::Bytes;
-use deadpool_redis::{Pool, Runtime};
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
@@ -50,15 +50,18 @@ pub struct RedisBroker {
     ready: Arc<AtomicBool>,
     pool: Pool,
     prefix: String,
+    publish_command: &'static str,
 }
 
 struct Manager {
-    client: redis::Client,
+    topology: Topology,
     pool: Pool,
     hub: Arc<Hub>,
     prefix: String,
     probe_channel: String,
     probe_every: Duration,
+    /// `PUBLISH`, or `SPUBLISH` on a cluster.
+    publish_command: &'static str,
     max_event_bytes: usize,
     history: Option<RedisHistory>,
     /// Last durable event seen live per channel: where to fill from after an outage.
@@ -81,12 +84,19 @@ impl RedisBroker {
         pool: Pool,
         history: Option<RedisHistory>,
     ) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("SSE_GATEWAY_REDIS_URL: {e}"))?;
+        let _ = url;
+        let topology = pool.topology().clone();
+        let publish_command = if topology.sharded() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let ready = Arc::new(AtomicBool::new(false));
         let replica: u64 = rand::random();
         let manager = Manager {
-            client,
+            topology,
+            publish_command,
             pool: pool.clone(),
             hub,
             prefix: config.channel_prefix.clone(),
@@ -106,25 +116,9 @@ impl RedisBroker {
             ready,
             pool,
             prefix: config.channel_prefix.clone(),
+            publish_command,
         })
     }
-}
-
-/// The command pool every Redis user of a replica shares (never the pub/sub connection).
-pub fn pool(url: &str) -> Result<Pool, String> {
-    let mut pool_config = deadpool_redis::Config::from_url(url);
-    pool_config.pool = Some(deadpool_redis::PoolConfig {
-        max_size: 32,
-        timeouts: deadpool_redis::Timeouts {
-            wait: Some(COMMAND_TIMEOUT),
-            create: Some(Duration::from_secs(3)),
-            recycle: Some(Duration::from_secs(3)),
-        },
-        ..Default::default()
-    });
-    pool_config
-        .create_pool(Some(Runtime::Tokio1))
-        .map_err(|e| format!("SSE_GATEWAY_REDIS_URL: cannot build the connection pool: {e}"))
 }
 
 impl Broker for RedisBroker {
@@ -153,10 +147,11 @@ impl Broker for RedisBroker {
     ) -> BoxFuture<'static, Result<(), BrokerError>> {
         let pool = self.pool.clone();
         let name = format!("{}{}", self.prefix, channel);
+        let command = self.publish_command;
         async move {
             let work = async {
                 let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-                redis::cmd("PUBLISH")
+                redis::cmd(command)
                     .arg(&name)
                     .arg(&payload[..])
                     .query_async::<i64>(&mut conn)
@@ -217,57 +212,81 @@ impl Manager {
 
     /// One connected session: returns `Ok` only when the broker is dropped.
     async fn connect_and_serve(&mut self, connected_before: &mut bool) -> Result<(), Outage> {
-        let pubsub = timeout(COMMAND_TIMEOUT, self.client.get_async_pubsub())
-            .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| format!("connect failed: {e}"))?;
+        let (mut sink, source) = match &self.topology {
+            Topology::Cluster(cluster) => {
+                let (conn, pushes) = crate::backend::sharded_pubsub(cluster).await?;
+                (Sink::Sharded(conn), Source::Sharded(pushes))
+            }
+            topology => {
+                let client = topology
+                    .master()
+                    .await?
+                    .ok_or("no master to subscribe on")?;
+                let pubsub = timeout(COMMAND_TIMEOUT, client.get_async_pubsub())
+                    .await
+                    .map_err(|_| "connect timed out".to_string())?
+                    .map_err(|e| format!("connect failed: {e}"))?;
+                let (sink, stream) = pubsub.split();
+                (Sink::Classic(sink), Source::Classic(stream))
+            }
+        };
         if let Some(history) = &self.history {
             history
                 .load_function()
                 .await
                 .map_err(|e| format!("cannot load the durable-publish function: {e}"))?;
         }
-        let (mut sink, mut stream) = pubsub.split();
         let probe_seen = Arc::new(AtomicU64::new(0));
         let (reader_done_tx, mut reader_done) = oneshot::channel::<()>();
+        // Shard channels Redis dropped on its own (their slot moved): resubscribe.
+        let (lost_tx, mut lost_rx) = mpsc::unbounded_channel::<String>();
         // Live messages wait (in the connection's buffer) until the gap of the outage has been
         // filled from history: an event written live before the older missed ones would move
         // the streams' cursors past them, and they would be dropped as duplicates.
         let (go_tx, go_rx) = oneshot::channel::<()>();
         let reader = {
-            let hub = self.hub.clone();
-            let prefix = self.prefix.clone();
-            let probe_channel = self.probe_channel.clone();
-            let probe_seen = probe_seen.clone();
-            let max = self.max_event_bytes;
-            let last_seen = self.last_seen.clone();
-            let last_contact = self.last_contact_ms.clone();
+            let incoming = Incoming {
+                hub: self.hub.clone(),
+                prefix: self.prefix.clone(),
+                probe_channel: self.probe_channel.clone(),
+                probe_seen: probe_seen.clone(),
+                max: self.max_event_bytes,
+                last_seen: self.last_seen.clone(),
+                last_contact: self.last_contact_ms.clone(),
+            };
             tokio::spawn(async move {
                 if go_rx.await.is_err() {
                     return;
                 }
-                while let Some(msg) = stream.next().await {
-                    last_contact.store(unix_ms(), Ordering::Relaxed);
-                    let name = msg.get_channel_name();
-                    if name == probe_channel {
-                        if let Ok(seq) = std::str::from_utf8(msg.get_payload_bytes())
-                            .unwrap_or("")
-                            .parse::<u64>()
-                        {
-                            probe_seen.fetch_max(seq, Ordering::AcqRel);
+                match source {
+                    Source::Classic(mut stream) => {
+                        while let Some(msg) = stream.next().await {
+                            incoming.message(msg.get_channel_name(), msg.get_payload_bytes());
                         }
-                    } else if let Some(channel) = name.strip_prefix(prefix.as_str()) {
-                        let payload = msg.get_payload_bytes();
-                        match decode_durable(payload) {
-                            Some((epoch, pos, body)) => {
-                                let mark = Mark {
-                                    epoch: epoch.to_string(),
-                                    pos,
-                                };
-                                dispatch_durable(&hub, channel, &mark, body, max);
-                                lock(&last_seen).insert(channel.to_string(), mark);
+                    }
+                    Source::Sharded(mut pushes) => {
+                        while let Some(push) = pushes.recv().await {
+                            match push.kind {
+                                redis::PushKind::SMessage => {
+                                    if let [name, payload, ..] = &push.data[..] {
+                                        if let (Some(name), Some(payload)) =
+                                            (bulk(name), bulk(payload))
+                                        {
+                                            let name = String::from_utf8_lossy(name);
+                                            incoming.message(&name, payload);
+                                        }
+                                    }
+                                }
+                                redis::PushKind::SUnsubscribe => {
+                                    if let Some(name) = push.data.first().and_then(bulk) {
+                                        let _ = lost_tx
+                                            .send(String::from_utf8_lossy(name).into_owned());
+                                    }
+                                }
+                                // A node connection dropped: the session is over.
+                                redis::PushKind::Disconnection => break,
+                                _ => {}
                             }
-                            None => dispatch(&hub, channel, payload, max),
                         }
                     }
                 }
@@ -278,11 +297,11 @@ impl Manager {
 
         // Resubscribe everything the hub holds, in batches, before reporting ready.
         let mut subscribed: HashSet<String> = HashSet::new();
-        subscribe(&mut sink, vec![self.probe_channel.clone()]).await?;
+        sink.subscribe(vec![self.probe_channel.clone()]).await?;
         let wanted = self.hub.channels();
         for batch in wanted.chunks(BATCH) {
             let names = batch.iter().map(|c| self.name(c)).collect();
-            subscribe(&mut sink, names).await?;
+            sink.subscribe(names).await?;
             subscribed.extend(batch.iter().cloned());
         }
         metrics::gauge!(m::SUBSCRIBED_CHANNELS).set(subscribed.len() as f64);
@@ -338,10 +357,7 @@ impl Manager {
                     }
                     for batch in gone.chunks(BATCH) {
                         let names: Vec<String> = batch.iter().map(|c| self.name(c)).collect();
-                        timeout(COMMAND_TIMEOUT, sink.unsubscribe(names))
-                            .await
-                            .map_err(|_| "UNSUBSCRIBE timed out".to_string())?
-                            .map_err(|e| format!("UNSUBSCRIBE failed: {e}"))?;
+                        sink.unsubscribe(names).await?;
                     }
                     if pending_unsubscribe.is_empty() {
                         pending_unsubscribe.shrink_to_fit();
@@ -368,6 +384,17 @@ impl Manager {
                 _ = &mut reader_done => {
                     return Err("the pub/sub connection closed".into());
                 }
+                Some(name) = lost_rx.recv() => {
+                    let wanted = name
+                        .strip_prefix(self.prefix.as_str())
+                        .is_some_and(|c| subscribed.contains(c))
+                        || name == self.probe_channel;
+                    if wanted {
+                        return Err(format!(
+                            "Redis dropped the subscription of shard channel {name:?} (its slot moved)"
+                        ));
+                    }
+                }
             }
         }
     }
@@ -375,7 +402,7 @@ impl Manager {
     async fn handle(
         &self,
         batch: Vec<Request>,
-        sink: &mut redis::aio::PubSubSink,
+        sink: &mut Sink,
         subscribed: &mut HashSet<String>,
         pending_unsubscribe: &mut HashMap<String, Instant>,
     ) -> Result<(), Outage> {
@@ -406,7 +433,7 @@ impl Manager {
         let result = async {
             for chunk in wanted.chunks(BATCH) {
                 let names = chunk.iter().map(|c| self.name(c)).collect();
-                subscribe(sink, names).await?;
+                sink.subscribe(names).await?;
                 subscribed.extend(chunk.iter().cloned());
             }
             Ok::<(), Outage>(())
@@ -491,7 +518,7 @@ impl Manager {
     async fn probe(&self, seq: u64) -> Result<i64, Outage> {
         let work = async {
             let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
-            redis::cmd("PUBLISH")
+            redis::cmd(self.publish_command)
                 .arg(&self.probe_channel)
                 .arg(seq)
                 .query_async::<i64>(&mut conn)
@@ -509,11 +536,102 @@ impl Manager {
     }
 }
 
-async fn subscribe(sink: &mut redis::aio::PubSubSink, names: Vec<String>) -> Result<(), Outage> {
-    timeout(COMMAND_TIMEOUT, sink.subscribe(names))
-        .await
-        .map_err(|_| "SUBSCRIBE timed out".to_string())?
-        .map_err(|e| format!("SUBSCRIBE failed: {e}"))
+/// Where a session's messages come from.
+enum Source {
+    Classic(redis::aio::PubSubStream),
+    Sharded(mpsc::UnboundedReceiver<redis::PushInfo>),
+}
+
+/// Where a session's (un)subscriptions go: `SUBSCRIBE` on one connection, or `SSUBSCRIBE` per
+/// slot on a cluster (a shard channel command may only name channels of one slot).
+enum Sink {
+    Classic(redis::aio::PubSubSink),
+    Sharded(redis::cluster_async::ClusterConnection),
+}
+
+impl Sink {
+    async fn subscribe(&mut self, names: Vec<String>) -> Result<(), Outage> {
+        self.change(names, true).await
+    }
+
+    async fn unsubscribe(&mut self, names: Vec<String>) -> Result<(), Outage> {
+        self.change(names, false).await
+    }
+
+    async fn change(&mut self, names: Vec<String>, on: bool) -> Result<(), Outage> {
+        let verb = if on { "SUBSCRIBE" } else { "UNSUBSCRIBE" };
+        let work = async {
+            match self {
+                Sink::Classic(sink) if on => sink.subscribe(names).await,
+                Sink::Classic(sink) => sink.unsubscribe(names).await,
+                Sink::Sharded(conn) => {
+                    let mut by_slot: HashMap<u16, Vec<String>> = HashMap::new();
+                    for n in names {
+                        by_slot
+                            .entry(crate::backend::slot(n.as_bytes()))
+                            .or_default()
+                            .push(n);
+                    }
+                    let calls = by_slot.into_values().map(|group| {
+                        let mut conn = conn.clone();
+                        async move {
+                            if on {
+                                conn.ssubscribe(group).await
+                            } else {
+                                conn.sunsubscribe(group).await
+                            }
+                        }
+                    });
+                    futures_util::future::try_join_all(calls).await.map(|_| ())
+                }
+            }
+        };
+        timeout(COMMAND_TIMEOUT, work)
+            .await
+            .map_err(|_| format!("{verb} timed out"))?
+            .map_err(|e| format!("{verb} failed: {e}"))
+    }
+}
+
+/// What the reader needs to hand a message on.
+struct Incoming {
+    hub: Arc<Hub>,
+    prefix: String,
+    probe_channel: String,
+    probe_seen: Arc<AtomicU64>,
+    max: usize,
+    last_seen: Arc<Mutex<HashMap<String, Mark>>>,
+    last_contact: Arc<AtomicU64>,
+}
+
+impl Incoming {
+    fn message(&self, name: &str, payload: &[u8]) {
+        self.last_contact.store(unix_ms(), Ordering::Relaxed);
+        if name == self.probe_channel {
+            if let Ok(seq) = std::str::from_utf8(payload).unwrap_or("").parse::<u64>() {
+                self.probe_seen.fetch_max(seq, Ordering::AcqRel);
+            }
+        } else if let Some(channel) = name.strip_prefix(self.prefix.as_str()) {
+            match decode_durable(payload) {
+                Some((epoch, pos, body)) => {
+                    let mark = Mark {
+                        epoch: epoch.to_string(),
+                        pos,
+                    };
+                    dispatch_durable(&self.hub, channel, &mark, body, self.max);
+                    lock(&self.last_seen).insert(channel.to_string(), mark);
+                }
+                None => dispatch(&self.hub, channel, payload, self.max),
+            }
+        }
+    }
+}
+
+fn bulk(v: &redis::Value) -> Option<&[u8]> {
+    match v {
+        redis::Value::BulkString(b) => Some(b),
+        _ => None,
+    }
 }
 
 fn gap_frame() -> Bytes {

@@ -2,7 +2,9 @@
 -- Durable publishing for sse-gateway, loaded by every replica at start-up (FUNCTION LOAD
 -- REPLACE) with its own settings filled in. One call stores the event in the channel's capped
 -- stream and publishes it with its id, atomically.
---   FCALL __FUNCTION__ 1 {c:<channel>} <payload>
+--   FCALL __FUNCTION__ 1 {__PREFIX__<channel>} <payload>
+-- The key is the channel's pub/sub name in braces: on a Redis Cluster the history keys then sit
+-- on the slot of the shard channel the event is published to.
 -- returns { epoch, id }.
 local PREFIX = '__PREFIX__'
 local MAXLEN = __MAXLEN__
@@ -30,12 +32,15 @@ end
 
 local function publish(keys, args)
   local tag = keys[1]
-  local channel = tag and string.match(tag, '^{c:([^{}]+)}$')
-  if not channel then
-    return redis.error_reply('ERR the key must be {c:<channel>}, for example {c:orders}')
+  local channel = nil
+  if tag and #tag > #PREFIX + 2 and string.sub(tag, 1, #PREFIX + 1) == '{' .. PREFIX and string.sub(tag, -1) == '}' then
+    channel = string.sub(tag, #PREFIX + 2, -2)
   end
-  if #channel > 200 or string.find(channel, '[^!-~]') or string.find(channel, '[%*,]') then
-    return redis.error_reply('ERR the channel in {c:<channel>} must be 1-200 printable ASCII characters without space * , { }')
+  if not channel then
+    return redis.error_reply('ERR the key must be {' .. PREFIX .. '<channel>}, for example {' .. PREFIX .. 'orders}')
+  end
+  if #channel > 200 or string.find(channel, '[^!-~]') or string.find(channel, '[%*,{}]') then
+    return redis.error_reply('ERR the channel in {' .. PREFIX .. '<channel>} must be 1-200 printable ASCII characters without space * , { }')
   end
   local payload = args[1]
   if payload == nil then
@@ -45,8 +50,8 @@ local function publish(keys, args)
   if problem then
     return redis.error_reply('ERR ' .. problem)
   end
-  local history = PREFIX .. tag .. ':history'
-  local epoch_key = PREFIX .. tag .. ':epoch'
+  local history = tag .. ':history'
+  local epoch_key = tag .. ':epoch'
   local epoch = redis.call('GET', epoch_key)
   if not epoch then
     local t = redis.call('TIME')
@@ -55,7 +60,7 @@ local function publish(keys, args)
   end
   -- Remember the newest position trimming removes, so that a reader whose cursor is older
   -- knows it missed events (XINFO's max-deleted-entry-id does not count trimming).
-  local trimmed_key = PREFIX .. tag .. ':trimmed'
+  local trimmed_key = tag .. ':trimmed'
   local length = redis.call('XLEN', history)
   if length >= MAXLEN then
     local going = redis.call('XRANGE', history, '-', '+', 'COUNT', length - MAXLEN + 1)
@@ -65,7 +70,7 @@ local function publish(keys, args)
   redis.call('PEXPIRE', history, TTL_MS)
   redis.call('PEXPIRE', epoch_key, TTL_MS)
   if redis.call('EXISTS', trimmed_key) == 1 then redis.call('PEXPIRE', trimmed_key, TTL_MS) end
-  redis.call('PUBLISH', PREFIX .. channel, '\0D1\0' .. epoch .. '\0' .. id .. '\0' .. payload)
+  redis.call('__PUBLISH__', PREFIX .. channel, '\0D1\0' .. epoch .. '\0' .. id .. '\0' .. payload)
   return { epoch, id }
 end
 

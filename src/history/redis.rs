@@ -1,10 +1,10 @@
 //! History in Redis: one capped stream per channel, written only by the durable-publish function.
 //!
 //! Layout (hash tag on the channel, so a channel's keys share one Cluster slot):
-//! - `<prefix>{c:<channel>}:history` — STREAM, capped at `SSE_GATEWAY_HISTORY_SIZE` entries
+//! - `{<prefix><channel>}:history` — STREAM, capped at `SSE_GATEWAY_HISTORY_SIZE` entries
 //!   (field `p`: the payload), expiring `SSE_GATEWAY_HISTORY_TTL_SECS` after its last event;
-//! - `<prefix>{c:<channel>}:epoch` — STRING, the history's generation, same expiry;
-//! - `<prefix>{c:<channel>}:trimmed` — STRING, the newest position trimming removed.
+//! - `{<prefix><channel>}:epoch` — STRING, the history's generation, same expiry;
+//! - `{<prefix><channel>}:trimmed` — STRING, the newest position trimming removed.
 //!
 //! Invariants: writes go through one Redis Function (`library.lua`), which every replica loads
 //! with its settings, so `POST /publish` and a publisher holding only `redis-cli` store and
@@ -13,8 +13,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::backend::Commands as Pool;
 use bytes::Bytes;
-use deadpool_redis::Pool;
 use futures_util::future::{BoxFuture, FutureExt};
 use redis::{Script, Value};
 use tokio::time::timeout;
@@ -70,7 +70,7 @@ impl RedisHistory {
         self.0.load_function().await
     }
 
-    /// The function publishers call: `FCALL <name> 1 {c:<channel>} <payload>`.
+    /// The function publishers call: `FCALL <name> 1 {<prefix><channel>} <payload>`.
     pub fn function(&self) -> &str {
         &self.0.function
     }
@@ -79,6 +79,7 @@ impl RedisHistory {
 impl Inner {
     fn new(pool: Pool, config: &Config) -> Self {
         let prefix = config.channel_prefix.clone();
+        let sharded = pool.topology().sharded();
         let function = function_name(&prefix);
         let escaped = prefix.replace('\\', "\\\\").replace('\'', "\\'");
         let library = include_str!("library.lua")
@@ -87,7 +88,8 @@ impl Inner {
             .replace("__PREFIX__", &escaped)
             .replace("__MAXLEN__", &config.history_size.to_string())
             .replace("__TTL_MS__", &config.history_ttl.as_millis().to_string())
-            .replace("__MAX_BYTES__", &config.max_event_bytes.to_string());
+            .replace("__MAX_BYTES__", &config.max_event_bytes.to_string())
+            .replace("__PUBLISH__", if sharded { "SPUBLISH" } else { "PUBLISH" });
         Self {
             pool,
             prefix,
@@ -115,7 +117,7 @@ impl Inner {
     }
 
     fn key(&self, channel: &str, what: &str) -> String {
-        format!("{}{{c:{channel}}}:{what}", self.prefix)
+        format!("{{{}{channel}}}:{what}", self.prefix)
     }
 
     async fn fcall(&self, channel: &str, payload: &[u8]) -> Result<Mark, HistoryError> {
@@ -125,7 +127,7 @@ impl Inner {
             let reply: Result<Vec<String>, _> = redis::cmd("FCALL")
                 .arg(&self.function)
                 .arg(1)
-                .arg(format!("{{c:{channel}}}"))
+                .arg(format!("{{{}{channel}}}", self.prefix))
                 .arg(payload)
                 .query_async(&mut conn)
                 .await;

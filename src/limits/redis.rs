@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use deadpool_redis::Pool;
+use crate::backend::Commands as Pool;
 use futures_util::future::{BoxFuture, FutureExt};
 use redis::{Script, Value};
 use tokio::sync::oneshot;

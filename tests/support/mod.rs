@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader};
 use tokio::net::TcpStream;
 
+pub mod topology;
+
 /// The HS256 secret test gateways share.
 pub const SECRET: &str = "test-secret-0123456789abcdef";
 

@@ -1,0 +1,362 @@
+//! How a replica reaches Redis: one server, a master found through Sentinel, or a cluster.
+//!
+//! `SSE_GATEWAY_REDIS_URL` picks the topology:
+//! - `redis://host:port` or `rediss://…`: one server (or a proxy in front of one);
+//! - `redis+sentinel://s1:26379,s2:26379/<master name>` (`rediss+sentinel://` for TLS to the
+//!   data nodes): the master Sentinel names, followed through failovers;
+//! - `redis+cluster://n1:6379,n2:6379` (`rediss+cluster://`): a Redis Cluster, from seed nodes;
+//!   events travel over sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`).
+//!
+//! Commands go through [`Commands`]: one multiplexed connection (a cluster connection in cluster
+//! mode) shared by every task, so concurrent commands are pipelined onto the socket instead of
+//! each checking a connection out of a pool (a pool's health check alone was two extra round
+//! trips per admission). A connection that fails, times out or finds its server read-only (a
+//! demoted master) is dropped, and the next command connects afresh (asking Sentinel again).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, Value};
+
+/// Longest wait for one Redis reply before the command fails (and the connection is replaced).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Where Redis is, as `SSE_GATEWAY_REDIS_URL` says.
+#[derive(Clone)]
+pub enum Topology {
+    /// One server.
+    Single(Box<Client>),
+    /// A master found through Sentinel.
+    Sentinel(Arc<SentinelSource>),
+    /// A Redis Cluster.
+    Cluster(Arc<ClusterSource>),
+}
+
+/// The seed nodes of a cluster, and the command client built from them.
+pub struct ClusterSource {
+    seeds: Vec<String>,
+    client: redis::cluster::ClusterClient,
+}
+
+/// The Sentinels and the master name to ask them for.
+pub struct SentinelSource {
+    client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    /// The master name, for messages.
+    pub master: String,
+}
+
+impl Topology {
+    /// Reads `SSE_GATEWAY_REDIS_URL`; the error says what is wrong (without echoing the URL).
+    pub fn parse(url: &str) -> Result<Self, String> {
+        // Never the URL itself in a message: it may hold a password.
+        let bad = |e: &dyn std::fmt::Display| e.to_string();
+        if let Some((scheme, rest)) = url.split_once("://") {
+            let tls = scheme.starts_with("rediss");
+            let base = if tls { "rediss" } else { "redis" };
+            match scheme {
+                "redis+sentinel" | "rediss+sentinel" => {
+                    let (hosts, master) = rest.split_once('/').ok_or_else(|| {
+                        bad(&"a Sentinel URL ends with /<master name>, e.g. redis+sentinel://s1:26379,s2:26379/mymaster")
+                    })?;
+                    let (auth, hosts) = split_auth(hosts);
+                    let master = master.trim_end_matches('/');
+                    if master.is_empty() || hosts.is_empty() {
+                        return Err(bad(
+                            &"give at least one Sentinel host:port and the master name",
+                        ));
+                    }
+                    // Sentinels themselves are spoken to in plain text; the data nodes use the
+                    // scheme's TLS and the URL's credentials.
+                    let sentinels: Vec<String> =
+                        hosts.split(',').map(|h| format!("redis://{h}")).collect();
+                    let node = node_info(&format!("{base}://{auth}127.0.0.1"), tls)
+                        .map_err(|e| bad(&e))?;
+                    let client = redis::sentinel::SentinelClient::build(
+                        sentinels,
+                        master,
+                        Some(node),
+                        redis::sentinel::SentinelServerType::Master,
+                    )
+                    .map_err(|e| bad(&e))?;
+                    return Ok(Self::Sentinel(Arc::new(SentinelSource {
+                        client: tokio::sync::Mutex::new(client),
+                        master: master.to_string(),
+                    })));
+                }
+                "redis+cluster" | "rediss+cluster" => {
+                    let (auth, hosts) = split_auth(rest.trim_end_matches('/'));
+                    let seeds: Vec<String> = hosts
+                        .split(',')
+                        .filter(|h| !h.is_empty())
+                        .map(|h| format!("{base}://{auth}{h}/?protocol=resp3"))
+                        .collect();
+                    if seeds.is_empty() {
+                        return Err(bad(&"give at least one seed node host:port"));
+                    }
+                    let client = cluster_builder(&seeds).build().map_err(|e| bad(&e))?;
+                    return Ok(Self::Cluster(Arc::new(ClusterSource { seeds, client })));
+                }
+                _ => {}
+            }
+        }
+        Client::open(url)
+            .map(|c| Self::Single(Box::new(c)))
+            .map_err(|e| bad(&e))
+    }
+
+    /// Whether events travel over sharded pub/sub (`SPUBLISH`) rather than `PUBLISH`.
+    pub fn sharded(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// A client for the server that takes writes now (asks Sentinel each time); `None` for a
+    /// cluster, which has no single such server.
+    pub async fn master(&self) -> Result<Option<Client>, String> {
+        match self {
+            Self::Single(c) => Ok(Some((**c).clone())),
+            Self::Sentinel(s) => s
+                .client
+                .lock()
+                .await
+                .async_get_client()
+                .await
+                .map(Some)
+                .map_err(|e| {
+                    format!(
+                        "Sentinel does not name a reachable master {:?}: {e}",
+                        s.master
+                    )
+                }),
+            Self::Cluster(_) => Ok(None),
+        }
+    }
+}
+
+fn cluster_builder(seeds: &[String]) -> redis::cluster::ClusterClientBuilder {
+    redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .connection_timeout(CONNECT_TIMEOUT)
+        .response_timeout(COMMAND_TIMEOUT)
+}
+
+/// A cluster connection for sharded pub/sub, and the pushes (messages, and word of lost node
+/// connections) it receives. A new one per session: the broker resubscribes itself, so that it
+/// knows when a gap must be filled from history.
+pub async fn sharded_pubsub(
+    cluster: &ClusterSource,
+) -> Result<
+    (
+        redis::cluster_async::ClusterConnection,
+        tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+    ),
+    String,
+> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = cluster_builder(&cluster.seeds)
+        .push_sender(tx)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT * 2, client.get_async_connection())
+        .await
+        .map_err(|_| "connecting to the Redis Cluster timed out".to_string())?
+        .map_err(|e| format!("cannot connect to the Redis Cluster: {e}"))?;
+    Ok((conn, rx))
+}
+
+/// The cluster hash slot of a key or shard channel (CRC16 of its hash tag, or of all of it).
+pub fn slot(name: &[u8]) -> u16 {
+    let tagged = name
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &name[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(name);
+    crc16::State::<crc16::XMODEM>::calculate(tagged) % 16384
+}
+
+/// `user:pass@hosts` → (`user:pass@`, `hosts`).
+fn split_auth(s: &str) -> (&str, &str) {
+    match s.rfind('@') {
+        Some(at) => (&s[..=at], &s[at + 1..]),
+        None => ("", s),
+    }
+}
+
+fn node_info(
+    url: &str,
+    tls: bool,
+) -> Result<redis::sentinel::SentinelNodeConnectionInfo, RedisError> {
+    use redis::IntoConnectionInfo;
+    let info = url.into_connection_info()?;
+    let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()
+        .set_redis_connection_info(info.redis_settings().clone());
+    if tls {
+        node = node.set_tls_mode(redis::TlsMode::Secure);
+    }
+    Ok(node)
+}
+
+/// The shared command connection of a replica.
+#[derive(Clone)]
+pub struct Commands {
+    topology: Topology,
+    current: Arc<tokio::sync::Mutex<Option<Shared>>>,
+}
+
+#[derive(Clone)]
+enum Shared {
+    Plain(MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Commands {
+    /// Connects lazily: a replica starts (not ready) while Redis is down.
+    pub fn new(topology: Topology) -> Self {
+        Self {
+            topology,
+            current: Arc::new(tokio::sync::Mutex::new(None)),
+        }
+    }
+
+    /// The topology these commands go to.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// A handle on the shared connection, connecting if there is none.
+    pub async fn get(&self) -> Result<Conn, String> {
+        let mut current = self.current.lock().await;
+        if let Some(shared) = current.as_ref() {
+            return Ok(Conn {
+                shared: shared.clone(),
+                owner: self.current.clone(),
+            });
+        }
+        let shared = match &self.topology {
+            Topology::Cluster(cluster) => Shared::Cluster(
+                tokio::time::timeout(CONNECT_TIMEOUT * 2, cluster.client.get_async_connection())
+                    .await
+                    .map_err(|_| "connecting to the Redis Cluster timed out".to_string())?
+                    .map_err(|e| format!("cannot connect to the Redis Cluster: {e}"))?,
+            ),
+            _ => {
+                let client = self
+                    .topology
+                    .master()
+                    .await?
+                    .ok_or("no master to connect to")?;
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(COMMAND_TIMEOUT));
+                Shared::Plain(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await
+                        .map_err(|e| format!("cannot connect to Redis: {e}"))?,
+                )
+            }
+        };
+        *current = Some(shared.clone());
+        Ok(Conn {
+            shared,
+            owner: self.current.clone(),
+        })
+    }
+}
+
+/// One use of the shared connection; commands on it are pipelined with everyone else's.
+pub struct Conn {
+    shared: Shared,
+    owner: Arc<tokio::sync::Mutex<Option<Shared>>>,
+}
+
+impl Conn {
+    /// Drops the shared connection after an error that says it is no longer any good, so the
+    /// next command connects again (to whichever server is master by then).
+    fn observe<T>(&self, result: &Result<T, RedisError>) {
+        let Err(e) = result else { return };
+        let broken = e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_timeout()
+            || e.is_unrecoverable_error()
+            || e.code() == Some("READONLY");
+        if broken && matches!(self.shared, Shared::Plain(_)) {
+            if let Ok(mut current) = self.owner.try_lock() {
+                *current = None;
+            } else {
+                let owner = self.owner.clone();
+                tokio::spawn(async move { *owner.lock().await = None });
+            }
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let result = match &mut self.shared {
+                Shared::Plain(c) => c.req_packed_command(cmd).await,
+                Shared::Cluster(c) => c.req_packed_command(cmd).await,
+            };
+            self.observe(&result);
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let result = match &mut self.shared {
+                Shared::Plain(c) => c.req_packed_commands(cmd, offset, count).await,
+                Shared::Cluster(c) => c.req_packed_commands(cmd, offset, count).await,
+            };
+            self.observe(&result);
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_topology_parses_and_bad_urls_say_why() {
+        assert!(matches!(
+            Topology::parse("redis://127.0.0.1:6379"),
+            Ok(Topology::Single(_))
+        ));
+        assert!(matches!(
+            Topology::parse("redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster"),
+            Ok(Topology::Sentinel(_))
+        ));
+        assert!(matches!(
+            Topology::parse("redis+cluster://127.0.0.1:7000,127.0.0.1:7001"),
+            Ok(Topology::Cluster(_))
+        ));
+        let e = Topology::parse("redis+sentinel://127.0.0.1:26379")
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("master name"), "{e}");
+        assert!(Topology::parse("redis+cluster://").is_err());
+        // The slots Redis documents: the whole name, or the hash tag alone.
+        assert_eq!(slot(b"123456789"), 12739);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
+        assert_eq!(slot(b"{sse:orders}:history"), slot(b"sse:orders"));
+        assert_eq!(slot(b"a{}b"), slot(b"a{}b"));
+        assert!(Topology::parse("http://x").is_err());
+    }
+}

@@ -1,0 +1,351 @@
+//! Bigger Redis topologies for tests: a real 3-master Redis Cluster (6 `redis-server`s with
+//! `--cluster-enabled yes`, created with `redis-cli --cluster create`) and a master with one
+//! replica watched by three Sentinels. Every process runs on a free loopback port and is killed
+//! by PID when the fixture drops.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::free_port;
+
+/// One `redis-server` process.
+pub struct Node {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn spawn(port: u16, args: &[String]) -> Self {
+        let child = Command::new("redis-server")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (see README)");
+        let node = Node {
+            port,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while node.cmd(&["PING"]).is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {port} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        node
+    }
+
+    /// Runs a command with `redis-cli`; its output, or `None` if the node does not answer.
+    pub fn cmd(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out.status.success() && !text.starts_with("Could not connect")).then_some(text)
+    }
+
+    /// SIGKILL, like a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn temp_dir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "sse-gateway-test-{what}-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// A Redis Cluster of 3 masters, each with one replica.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    dir: std::path::PathBuf,
+}
+
+impl Cluster {
+    pub fn start() -> Self {
+        let dir = temp_dir("cluster");
+        let nodes: Vec<Node> = (0..6)
+            .map(|_| {
+                let port = free_port();
+                let d = dir.to_string_lossy();
+                Node::spawn(
+                    port,
+                    &[
+                        "--port".into(),
+                        port.to_string(),
+                        "--bind".into(),
+                        "127.0.0.1".into(),
+                        "--cluster-enabled".into(),
+                        "yes".into(),
+                        "--cluster-config-file".into(),
+                        format!("{d}/nodes-{port}.conf"),
+                        // Failover a second or two after a master dies.
+                        "--cluster-node-timeout".into(),
+                        "1500".into(),
+                        "--save".into(),
+                        String::new(),
+                        "--appendonly".into(),
+                        "no".into(),
+                        "--protected-mode".into(),
+                        "no".into(),
+                        "--dir".into(),
+                        d.to_string(),
+                    ],
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = Cluster { nodes, dir };
+        cluster.wait_healthy(Duration::from_secs(30));
+        cluster
+    }
+
+    /// `redis+cluster://` with every node as a seed.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    fn any(&self) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.child.is_some() && n.cmd(&["PING"]).is_some())
+            .expect("a live cluster node")
+    }
+
+    /// Waits until every slot is served and every live node agrees the cluster is ok.
+    pub fn wait_healthy(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let ok = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                n.cmd(&["CLUSTER", "INFO"]).is_some_and(|i| {
+                    i.contains("cluster_state:ok") && i.contains("cluster_slots_ok:16384")
+                })
+            }) && self.masters().len() == 3;
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not become healthy"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// (port, first slot, last slot) of every slot range, from a live node's view.
+    pub fn slot_ranges(&self) -> Vec<(u16, u16, u16)> {
+        let text = self.any().cmd(&["CLUSTER", "NODES"]).unwrap_or_default();
+        let mut ranges = Vec::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            let port: u16 = f[1]
+                .split('@')
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            for r in &f[8..] {
+                if let Some((a, b)) = r.split_once('-') {
+                    ranges.push((port, a.parse().unwrap_or(0), b.parse().unwrap_or(0)));
+                } else if let Ok(s) = r.parse() {
+                    ranges.push((port, s, s));
+                }
+            }
+        }
+        ranges
+    }
+
+    /// Ports of the masters that hold slots.
+    pub fn masters(&self) -> Vec<u16> {
+        let mut m: Vec<u16> = self.slot_ranges().iter().map(|r| r.0).collect();
+        m.sort();
+        m.dedup();
+        m
+    }
+
+    /// The master serving `slot`.
+    pub fn owner(&self, slot: u16) -> u16 {
+        self.slot_ranges()
+            .into_iter()
+            .find(|r| r.1 <= slot && slot <= r.2)
+            .map(|r| r.0)
+            .expect("every slot has an owner")
+    }
+
+    pub fn node(&mut self, port: u16) -> &mut Node {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("a node of this cluster")
+    }
+
+    /// `SPUBLISH` on the shard that owns the channel; how many subscribers got it.
+    pub fn spublish(&self, channel: &str, payload: &str) -> i64 {
+        let port = self.owner(sse_gateway::backend::slot(channel.as_bytes()));
+        let node = self.nodes.iter().find(|n| n.port == port).expect("owner");
+        node.cmd(&["SPUBLISH", channel, payload])
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(-1)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A master, one replica, and three Sentinels watching them as `mymaster`.
+pub struct Sentinels {
+    pub master: Node,
+    pub replica: Node,
+    pub sentinels: Vec<Node>,
+    dir: std::path::PathBuf,
+}
+
+impl Sentinels {
+    pub fn start() -> Self {
+        let dir = temp_dir("sentinel");
+        let data = |port: u16| -> Vec<String> {
+            vec![
+                "--port".into(),
+                port.to_string(),
+                "--bind".into(),
+                "127.0.0.1".into(),
+                "--save".into(),
+                String::new(),
+                "--appendonly".into(),
+                "no".into(),
+                "--protected-mode".into(),
+                "no".into(),
+            ]
+        };
+        let mport = free_port();
+        let master = Node::spawn(mport, &data(mport));
+        let rport = free_port();
+        let mut rargs = data(rport);
+        rargs.extend(["--replicaof".into(), "127.0.0.1".into(), mport.to_string()]);
+        let replica = Node::spawn(rport, &rargs);
+        let sentinels = (0..3)
+            .map(|_| {
+                let port = free_port();
+                let conf = dir.join(format!("sentinel-{port}.conf"));
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
+                         sentinel monitor mymaster 127.0.0.1 {mport} 2\n\
+                         sentinel down-after-milliseconds mymaster 1000\n\
+                         sentinel failover-timeout mymaster 5000\n\
+                         sentinel parallel-syncs mymaster 1\n",
+                        dir.to_string_lossy()
+                    ),
+                )
+                .expect("sentinel config");
+                Node::spawn(
+                    port,
+                    &[conf.to_string_lossy().into_owned(), "--sentinel".into()],
+                )
+            })
+            .collect();
+        let set = Sentinels {
+            master,
+            replica,
+            sentinels,
+            dir,
+        };
+        // Wait until the replica is in sync and the sentinels know it.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let synced = set
+                .replica
+                .cmd(&["INFO", "replication"])
+                .is_some_and(|i| i.contains("master_link_status:up"));
+            let known = set.sentinels.iter().all(|s| {
+                s.cmd(&["SENTINEL", "replicas", "mymaster"])
+                    .is_some_and(|r| r.contains(&rport.to_string()))
+            });
+            if synced && known {
+                return set;
+            }
+            assert!(Instant::now() < deadline, "the Sentinel set did not settle");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        format!("redis+sentinel://{}/mymaster", hosts.join(","))
+    }
+
+    /// The port the Sentinels name as master now.
+    pub fn master_port(&self) -> Option<u16> {
+        self.sentinels.iter().find_map(|s| {
+            s.cmd(&["SENTINEL", "get-master-addr-by-name", "mymaster"])?
+                .lines()
+                .nth(1)?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+}
+
+impl Drop for Sentinels {
+    fn drop(&mut self) {
+        for s in &mut self.sentinels {
+            s.kill();
+        }
+        self.master.kill();
+        self.replica.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
