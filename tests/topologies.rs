@@ -109,7 +109,7 @@ async fn a_cluster_carries_events_resumes_and_limits_across_replicas() {
     }
 
     // Resume: a stream leaves, misses three events, and comes back on the other replica.
-    let (channel, mut gone) = streams.remove(0);
+    let (channel, gone) = streams.remove(0);
     let id = gone.last_id.clone().expect("an id");
     drop(gone);
     for k in 0..3 {
@@ -171,9 +171,15 @@ async fn streams_keep_receiving_after_a_cluster_master_dies() {
     ));
     cluster.node(victim).kill();
     let started = Instant::now();
+    while cluster.masters().contains(&victim) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no replica took over"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     cluster.wait_healthy(Duration::from_secs(30));
     let failover = started.elapsed();
-    assert!(!cluster.masters().contains(&victim));
 
     // Every stream, on every shard, gets the events published after the failover; a stream may
     // see a gateway.gap first if events were lost with the master, never a silent hole.
@@ -199,6 +205,60 @@ async fn streams_keep_receiving_after_a_cluster_master_dies() {
     eprintln!("failover took {failover:?}");
     a.wait_ready(true, T).await;
     b.wait_ready(true, T).await;
+}
+
+#[tokio::test]
+async fn a_slot_moving_to_another_master_is_followed() {
+    let cluster = Cluster::start();
+    let url = cluster.url();
+    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", url.as_str())]);
+    gw.wait_ready(true, T).await;
+    let mut s = open(&gw, "moving", "mover").await;
+    assert_eq!(publish(&gw, "moving", "before", T).await.status, 202);
+    assert_eq!(s.next_event(T).await.expect("before").data, "before");
+
+    let slot = sse_gateway::backend::slot(b"sse:moving");
+    let from = cluster.owner(slot);
+    let to = *cluster
+        .masters()
+        .iter()
+        .find(|m| **m != from)
+        .expect("another master");
+    cluster.move_slot(slot, to);
+    assert_eq!(cluster.owner(slot), to);
+
+    // Redis drops the shard subscription of a moved slot; the replica subscribes again on the
+    // new owner, and history (moved with the slot) still resumes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the moved channel was never resubscribed"
+        );
+        gw.wait_ready(true, T).await;
+        if cluster.spublish("sse:moving", "raw-after") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        gw.logs.lock().unwrap().contains("its slot moved"),
+        "the replica noticed the move"
+    );
+    assert_eq!(publish(&gw, "moving", "after", T).await.status, 202);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|d: &String| d == "after") {
+        let ev = s.next_event(T).await.expect("events after the move");
+        if ev.event.as_deref() != Some("gateway.gap") {
+            seen.push(ev.data);
+        }
+    }
+    assert_eq!(seen.last().map(String::as_str), Some("after"), "{seen:?}");
+    assert_eq!(
+        seen.iter().filter(|d| *d == "before").count(),
+        0,
+        "nothing delivered twice: {seen:?}"
+    );
 }
 
 #[test]

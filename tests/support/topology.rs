@@ -130,6 +130,21 @@ impl Cluster {
         );
         let cluster = Cluster { nodes, dir };
         cluster.wait_healthy(Duration::from_secs(30));
+        // A replica that has never synced cannot take over: wait for all three links.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cluster
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.cmd(&["INFO", "replication"])
+                    .is_some_and(|i| i.contains("master_link_status:up"))
+            })
+            .count()
+            < 3
+        {
+            assert!(Instant::now() < deadline, "the replicas did not sync");
+            std::thread::sleep(Duration::from_millis(100));
+        }
         cluster
     }
 
@@ -162,10 +177,19 @@ impl Cluster {
             if ok {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "the cluster did not become healthy"
-            );
+            if Instant::now() >= deadline {
+                let info: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .filter(|n| n.child.is_some())
+                    .map(|n| n.cmd(&["CLUSTER", "INFO"]).unwrap_or_default())
+                    .map(|i| i.lines().take(4).collect::<Vec<_>>().join(" "))
+                    .collect();
+                panic!(
+                    "the cluster did not become healthy: masters {:?}; {info:?}",
+                    self.masters()
+                );
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -218,6 +242,44 @@ impl Cluster {
             .iter_mut()
             .find(|n| n.port == port)
             .expect("a node of this cluster")
+    }
+
+    /// The node id of the node on `port`.
+    pub fn id(&self, port: u16) -> String {
+        let node = self.nodes.iter().find(|n| n.port == port).expect("a node");
+        node.cmd(&["CLUSTER", "MYID"]).unwrap_or_default()
+    }
+
+    /// Moves one slot, with its keys, from its owner to the master on `to`, the way
+    /// `redis-cli --cluster reshard` does: IMPORTING, MIGRATING, MIGRATE, then SETSLOT NODE.
+    pub fn move_slot(&self, slot: u16, to: u16) {
+        let from = self.owner(slot);
+        let (from_id, to_id) = (self.id(from), self.id(to));
+        let node = |p: u16| self.nodes.iter().find(|n| n.port == p).expect("a node");
+        let s = slot.to_string();
+        node(to).cmd(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id]);
+        node(from).cmd(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id]);
+        let keys = node(from)
+            .cmd(&["CLUSTER", "GETKEYSINSLOT", &s, "1000"])
+            .unwrap_or_default();
+        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+        if !keys.is_empty() {
+            let port = to.to_string();
+            let mut args = vec![
+                "MIGRATE",
+                "127.0.0.1",
+                port.as_str(),
+                "",
+                "0",
+                "5000",
+                "KEYS",
+            ];
+            args.extend(keys);
+            node(from).cmd(&args);
+        }
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            n.cmd(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]);
+        }
     }
 
     /// `SPUBLISH` on the shard that owns the channel; how many subscribers got it.
