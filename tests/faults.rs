@@ -59,6 +59,23 @@ async fn streams_survive_a_redis_restart() {
 }
 
 #[tokio::test]
+async fn a_replica_started_before_redis_is_ready_moments_after_redis_comes_up() {
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", url.as_str())]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(gw.readyz().await, 503, "no Redis yet");
+    let _redis = Redis::start_on(port);
+    // Not a lease period (10 s by default) later: the failed renewal is retried with backoff.
+    let took = gw.wait_ready(true, Duration::from_secs(4)).await;
+    eprintln!("ready {took:?} after Redis came up");
+    let tok = client_token("early", &["x"]);
+    assert!(SseClient::open(gw.client, "/events?channel=x", Some(&tok))
+        .await
+        .is_ok());
+}
+
+#[tokio::test]
 async fn a_dropped_pubsub_connection_is_resubscribed() {
     let redis = Redis::start();
     let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);

@@ -341,29 +341,35 @@ async fn upkeep(weak: std::sync::Weak<Inner>) {
         let Some(inner) = weak.upgrade() else { return };
         (inner.lease / 3).max(Duration::from_millis(200))
     };
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut registered_once = false;
     let mut last_warning: Option<Instant> = None;
+    // After a failure, try again soon (doubling up to the period): a replica that started
+    // before Redis, or lost it, is ready again moments after Redis is back.
+    let mut retry = Duration::from_millis(100);
+    let mut wait = Duration::ZERO;
     loop {
-        tick.tick().await;
+        tokio::time::sleep(wait).await;
         let Some(inner) = weak.upgrade() else { return };
+        wait = period;
         match inner.renew().await {
             Ok(lapsed) => {
                 tracing::debug!(lapsed, registered_once, "lease renewed");
                 if lapsed && registered_once {
                     if let Err(e) = inner.reclaim_all().await {
-                        tracing::warn!(
-                            "re-asserting per-user slots failed: {e}; retrying at the next renewal"
-                        );
+                        tracing::warn!("re-asserting per-user slots failed: {e}; retrying shortly");
                         *lock(&inner.valid_until) = None;
+                        wait = retry;
+                        retry = (retry * 2).min(period).min(Duration::from_secs(1));
                         continue;
                     }
                 }
                 registered_once = true;
+                retry = Duration::from_millis(100);
                 inner.flush_pending_releases().await;
             }
             Err(e) => {
+                wait = retry;
+                retry = (retry * 2).min(period).min(Duration::from_secs(1));
                 if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                     tracing::warn!(
                         "per-user slot lease renewal failed: {e}; new streams get 503 once the lease (SSE_GATEWAY_CONNECTION_LEASE_SECS) runs out"

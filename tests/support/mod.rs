@@ -43,6 +43,17 @@ impl Redis {
         r
     }
 
+    /// A Redis on a port chosen beforehand (e.g. one a gateway already points at).
+    pub fn start_on(port: u16) -> Self {
+        let mut r = Redis {
+            port,
+            child: None,
+            dir: None,
+        };
+        r.spawn();
+        r
+    }
+
     /// A Redis that keeps its data across restarts (AOF, fsync on every write).
     pub fn start_persistent() -> Self {
         let port = free_port();
