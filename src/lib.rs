@@ -60,13 +60,27 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, JwtKey};
 use crate::state::AppState;
 
+/// Listens with a deep accept queue (the kernel caps it at `net.core.somaxconn`): a burst of
+/// clients, such as a replica's streams moving after a deploy, waits in the queue instead of
+/// losing SYNs and retrying a second later.
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 /// Runs a replica until `shutdown` completes, then drains and returns.
 pub async fn run(
     config: Config,
     exporter: Option<metrics::Exporter>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
-    let client = TcpListener::bind(config.listen).await.map_err(|e| {
+    let client = listen(config.listen).map_err(|e| {
         format!(
             "SSE_GATEWAY_LISTEN: cannot listen on {}: {e}",
             config.listen

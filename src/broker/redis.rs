@@ -7,7 +7,7 @@
 //! - A separate reader task drains the pub/sub stream into the hub and never waits on a client.
 //! - Unsubscribing waits a grace period and re-checks the hub, so a flapping client does not
 //!   churn Redis, and a channel that found a new subscriber meanwhile stays subscribed.
-//! - Any failure (stream ended, command error, or a probe published through the command pool
+//! - Any failure (stream ended, command error, or a probe published through the command connection
 //!   that does not come back on the subscription) is an outage: not ready, reconnect with capped
 //!   jittered backoff, resubscribe everything the hub holds in batches, then ready again.
 //! - No catch-all pattern subscription is ever made.
