@@ -113,10 +113,10 @@ for s in $systems; do
   esac
 done
 
-cpu_ticks() { # comma-separated pids -> their CPU ticks together
+cpu_ticks() { # comma-separated pids -> their CPU ticks together (0 for a process that is gone)
   local sum=0 p
   for p in ${1//,/ }; do
-    sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
   done
   echo "$sum"
 }
@@ -132,8 +132,16 @@ settle() { # wait (up to 30 s) until the system under test uses under 5% of a co
 }
 
 run() { # system scenario tool-args...
-  local s=$1 name=$2
+  local s=$1 name=$2 p
   shift 2
+  for p in ${pidlist[$s]//,/ }; do
+    if ! kill -0 "$p" 2>/dev/null; then
+      echo "compare.sh: $s (PID $p) is gone; skipping $name on it (logs kept in $out/logs)" >&2
+      mkdir -p "$out/logs"
+      cp -r "$dir"/. "$out/logs/" 2>/dev/null || true
+      return 0
+    fi
+  done
   settle "${pidlist[$s]}"
   echo "== $name on $s" >&2
   # A channel per run: a system still working off one run's backlog cannot leak into the next.

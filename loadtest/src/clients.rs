@@ -227,7 +227,8 @@ async fn stream_task(
     let mut target = id % cfg.targets.len();
     let mut cursor: Option<String> = None;
     let mut sequence = Sequence::default();
-    let mut recovery = histogram();
+    // Usually empty or one entry: a histogram per stream would cost ~150 KB each.
+    let mut recovery: Vec<u64> = Vec::new();
     // Unix ns when the stream was lost, until an event published after that arrives.
     let mut down_since: Option<u64> = None;
     let mut first = Some(first);
@@ -293,7 +294,7 @@ async fn stream_task(
                         sequence.observe(seq, &mut summary);
                     }
                     if down_since.is_some_and(|d| sent >= d) {
-                        let _ = recovery.record(((now - down_since.unwrap_or(now)) / 1000).max(1));
+                        recovery.push(((now - down_since.unwrap_or(now)) / 1000).max(1));
                         summary.last_recovered_ns = summary.last_recovered_ns.max(now);
                         down_since = None;
                         stats
@@ -341,7 +342,13 @@ async fn stream_task(
         let jitter = unix_nanos() % (cfg.reconnect_jitter_ms.max(1) * 1_000_000);
         tokio::time::sleep(Duration::from_nanos(jitter)).await;
     }
-    summary.recovery = buckets(&recovery);
+    if !recovery.is_empty() {
+        let mut h = histogram();
+        for r in recovery {
+            let _ = h.record(r.min(60_000_000));
+        }
+        summary.recovery = buckets(&h);
+    }
     summary
 }
 

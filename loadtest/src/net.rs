@@ -55,8 +55,9 @@ pub(crate) fn mint_publisher(secret: &str) -> String {
     )
 }
 
-/// Connects from `source` when given, with `IP_BIND_ADDRESS_NO_PORT` semantics left to the
-/// kernel: binding port 0 on distinct 127.0.0.x addresses gives each its own ephemeral range.
+/// Connects from `source` when given. The socket is bound with `IP_BIND_ADDRESS_NO_PORT`, so the
+/// kernel picks the port at connect time, unique per destination rather than per source address:
+/// each 127.0.0.x then has a full ephemeral range towards every target.
 pub(crate) async fn connect(
     target: SocketAddr,
     source: Option<IpAddr>,
@@ -69,12 +70,30 @@ pub(crate) async fn connect(
             } else {
                 TcpSocket::new_v6()?
             };
+            bind_address_no_port(&socket);
             socket.bind(SocketAddr::new(ip, 0))?;
             socket.connect(target).await?
         }
     };
     let _ = tcp.set_nodelay(true);
     Ok(tcp)
+}
+
+/// Asks Linux to choose the source port at connect time (best effort: without it, binding still
+/// works, with one ephemeral range per source address).
+fn bind_address_no_port(socket: &TcpSocket) {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor, a valid pointer to an int and its size.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            std::ptr::addr_of!(one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 /// An open stream, past its response head.
