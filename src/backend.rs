@@ -19,9 +19,12 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, Value};
 
-/// Longest wait for one Redis reply before the command fails (and the connection is replaced).
+/// Longest wait for one Redis command, connecting included, before it counts as failed; every
+/// Redis user of a replica shares it.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest wait for one connection. A cluster connection is made to every seed at once, and a
+/// seed that stopped answering costs this much on each reconnect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where Redis is, as `SSE_GATEWAY_REDIS_URL` says.
 #[derive(Clone)]
@@ -158,7 +161,7 @@ pub async fn sharded_pubsub(
         .push_sender(tx)
         .build()
         .map_err(|e| e.to_string())?;
-    let conn = tokio::time::timeout(CONNECT_TIMEOUT * 2, client.get_async_connection())
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT * 3 / 2, client.get_async_connection())
         .await
         .map_err(|_| "connecting to the Redis Cluster timed out".to_string())?
         .map_err(|e| format!("cannot connect to the Redis Cluster: {e}"))?;
@@ -239,10 +242,13 @@ impl Commands {
         }
         let shared = match &self.topology {
             Topology::Cluster(cluster) => Shared::Cluster(
-                tokio::time::timeout(CONNECT_TIMEOUT * 2, cluster.client.get_async_connection())
-                    .await
-                    .map_err(|_| "connecting to the Redis Cluster timed out".to_string())?
-                    .map_err(|e| format!("cannot connect to the Redis Cluster: {e}"))?,
+                tokio::time::timeout(
+                    CONNECT_TIMEOUT * 3 / 2,
+                    cluster.client.get_async_connection(),
+                )
+                .await
+                .map_err(|_| "connecting to the Redis Cluster timed out".to_string())?
+                .map_err(|e| format!("cannot connect to the Redis Cluster: {e}"))?,
             ),
             _ => {
                 let client = self
@@ -285,7 +291,9 @@ impl Conn {
             || e.is_timeout()
             || e.is_unrecoverable_error()
             || e.code() == Some("READONLY");
-        if broken && matches!(self.shared, Shared::Plain(_)) {
+        // On a cluster too: a master that stopped answering stays in the connection's slot map
+        // until something fails loudly, so a timeout must rebuild the map from the seeds.
+        if broken {
             if let Ok(mut current) = self.owner.try_lock() {
                 *current = None;
             } else {
@@ -296,13 +304,31 @@ impl Conn {
     }
 }
 
+/// Fails a command that has not been answered a little before the callers' own deadlines
+/// (`COMMAND_TIMEOUT`), so that the failure is seen here and the connection replaced, rather
+/// than the command being dropped by an outer timeout with the connection kept.
+async fn within_deadline<T>(
+    work: impl std::future::Future<Output = Result<T, RedisError>>,
+) -> Result<T, RedisError> {
+    match tokio::time::timeout(COMMAND_TIMEOUT - CONNECT_TIMEOUT, work).await {
+        Ok(r) => r,
+        Err(_) => Err(RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "Redis did not answer in time",
+        ))),
+    }
+}
+
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let result = match &mut self.shared {
-                Shared::Plain(c) => c.req_packed_command(cmd).await,
-                Shared::Cluster(c) => c.req_packed_command(cmd).await,
+            let work = async {
+                match &mut self.shared {
+                    Shared::Plain(c) => c.req_packed_command(cmd).await,
+                    Shared::Cluster(c) => c.req_packed_command(cmd).await,
+                }
             };
+            let result = within_deadline(work).await;
             self.observe(&result);
             result
         })
@@ -315,10 +341,13 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let result = match &mut self.shared {
-                Shared::Plain(c) => c.req_packed_commands(cmd, offset, count).await,
-                Shared::Cluster(c) => c.req_packed_commands(cmd, offset, count).await,
+            let work = async {
+                match &mut self.shared {
+                    Shared::Plain(c) => c.req_packed_commands(cmd, offset, count).await,
+                    Shared::Cluster(c) => c.req_packed_commands(cmd, offset, count).await,
+                }
             };
+            let result = within_deadline(work).await;
             self.observe(&result);
             result
         })

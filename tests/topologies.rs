@@ -207,6 +207,69 @@ async fn streams_keep_receiving_after_a_cluster_master_dies() {
     b.wait_ready(true, T).await;
 }
 
+/// A master that stops answering keeps its connections open: no disconnection says anything.
+/// Only a probe through that master's slots finds the subscription gone quiet once its replica
+/// has taken over.
+#[tokio::test]
+async fn a_cluster_master_that_stops_answering_is_caught_by_the_probe() {
+    let mut cluster = Cluster::start();
+    let url = cluster.url();
+    let gw = Gateway::start(&[
+        ("SSE_GATEWAY_REDIS_URL", url.as_str()),
+        ("SSE_GATEWAY_REDIS_PROBE_SECS", "1"),
+    ]);
+    gw.wait_ready(true, T).await;
+    // A channel on a master other than the one holding the replica's own {gateway} keys.
+    let gateway_master = cluster.owner(sse_gateway::backend::slot(b"{gateway}"));
+    let channel = (0..)
+        .map(|i| format!("quiet-{i}"))
+        .find(|c| {
+            cluster.owner(sse_gateway::backend::slot(format!("sse:{c}").as_bytes()))
+                != gateway_master
+        })
+        .expect("a channel elsewhere");
+    let victim = cluster.owner(sse_gateway::backend::slot(
+        format!("sse:{channel}").as_bytes(),
+    ));
+    let mut s = open(&gw, &channel, "quiet").await;
+    assert_eq!(publish(&gw, &channel, "before", T).await.status, 202);
+    assert_eq!(s.next_event(T).await.expect("before").data, "before");
+
+    cluster.node(victim).signal("STOP");
+    let started = Instant::now();
+    while cluster.masters().contains(&victim) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no replica took over"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = publish(&gw, &channel, "after", Duration::from_secs(30)).await;
+    assert_eq!(
+        r.status,
+        202,
+        "{}\n{}",
+        r.text(),
+        gw.logs
+            .lock()
+            .unwrap()
+            .lines()
+            .rev()
+            .take(12)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let mut ev = s
+        .next_event(Duration::from_secs(30))
+        .await
+        .expect("the event published after the failover arrives");
+    while ev.event.as_deref() == Some("gateway.gap") {
+        ev = s.next_event(T).await.expect("the event after the gap");
+    }
+    assert_eq!(ev.data, "after");
+    cluster.node(victim).signal("CONT");
+}
+
 #[tokio::test]
 async fn a_slot_moving_to_another_master_is_followed() {
     let cluster = Cluster::start();

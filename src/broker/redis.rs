@@ -34,8 +34,7 @@ use crate::metrics as m;
 const BATCH: usize = 1000;
 /// How long a channel stays subscribed after its last local subscriber left.
 const UNSUBSCRIBE_GRACE: Duration = Duration::from_secs(1);
-/// Longest wait for one Redis round trip before it counts as an outage.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::backend::COMMAND_TIMEOUT;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -236,7 +235,18 @@ impl Manager {
                 .await
                 .map_err(|e| format!("cannot load the durable-publish function: {e}"))?;
         }
-        let probe_seen = Arc::new(AtomicU64::new(0));
+        // One probe channel per master on a cluster, so a shard whose subscription went quiet
+        // (a master that stopped answering and was replaced) is caught too.
+        let probes = match &self.topology {
+            Topology::Cluster(_) => self.probe_channels_per_master().await?,
+            _ => vec![self.probe_channel.clone()],
+        };
+        let probe_seen: Arc<HashMap<String, AtomicU64>> = Arc::new(
+            probes
+                .iter()
+                .map(|p| (p.clone(), AtomicU64::new(0)))
+                .collect(),
+        );
         let (reader_done_tx, mut reader_done) = oneshot::channel::<()>();
         // Shard channels Redis dropped on its own (their slot moved): resubscribe.
         let (lost_tx, mut lost_rx) = mpsc::unbounded_channel::<String>();
@@ -248,7 +258,6 @@ impl Manager {
             let incoming = Incoming {
                 hub: self.hub.clone(),
                 prefix: self.prefix.clone(),
-                probe_channel: self.probe_channel.clone(),
                 probe_seen: probe_seen.clone(),
                 max: self.max_event_bytes,
                 last_seen: self.last_seen.clone(),
@@ -297,7 +306,7 @@ impl Manager {
 
         // Resubscribe everything the hub holds, in batches, before reporting ready.
         let mut subscribed: HashSet<String> = HashSet::new();
-        sink.subscribe(vec![self.probe_channel.clone()]).await?;
+        sink.subscribe(probes.clone()).await?;
         let wanted = self.hub.channels();
         for batch in wanted.chunks(BATCH) {
             let names = batch.iter().map(|c| self.name(c)).collect();
@@ -365,7 +374,11 @@ impl Manager {
                     metrics::gauge!(m::SUBSCRIBED_CHANNELS).set(subscribed.len() as f64);
                 }
                 _ = probe_tick.tick() => {
-                    let seen = probe_seen.load(Ordering::Acquire);
+                    let seen = probe_seen
+                        .values()
+                        .map(|s| s.load(Ordering::Acquire))
+                        .min()
+                        .unwrap_or(0);
                     if probe_sent > seen && probe_sent_at.elapsed() >= self.probe_every {
                         return Err(format!(
                             "the subscription stopped delivering (probe {probe_sent} not back after {:?})",
@@ -375,9 +388,12 @@ impl Manager {
                     if probe_sent == seen {
                         probe_sent += 1;
                         probe_sent_at = Instant::now();
-                        let receivers = self.probe(probe_sent).await?;
-                        if receivers == 0 {
-                            return Err("Redis reports no subscriber on this replica's probe channel".into());
+                        for channel in &probes {
+                            if self.probe(channel, probe_sent).await? == 0 {
+                                return Err(format!(
+                                    "Redis reports no subscriber on this replica's probe channel {channel:?}"
+                                ));
+                            }
                         }
                     }
                 }
@@ -388,7 +404,7 @@ impl Manager {
                     let wanted = name
                         .strip_prefix(self.prefix.as_str())
                         .is_some_and(|c| subscribed.contains(c))
-                        || name == self.probe_channel;
+                        || probe_seen.contains_key(&name);
                     if wanted {
                         return Err(format!(
                             "Redis dropped the subscription of shard channel {name:?} (its slot moved)"
@@ -515,11 +531,66 @@ impl Manager {
         }
     }
 
-    async fn probe(&self, seq: u64) -> Result<i64, Outage> {
+    /// A probe channel on a slot of each master, from `CLUSTER SLOTS`.
+    async fn probe_channels_per_master(&self) -> Result<Vec<String>, Outage> {
+        let work = async {
+            let mut conn = self.pool.get().await?;
+            redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async::<redis::Value>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let slots = timeout(COMMAND_TIMEOUT, work)
+            .await
+            .map_err(|_| "CLUSTER SLOTS timed out".to_string())?
+            .map_err(|e| format!("CLUSTER SLOTS failed: {e}"))?;
+        // Each entry: start, end, [master ip, port, …], replicas…
+        let mut masters: HashMap<String, Vec<(u16, u16)>> = HashMap::new();
+        if let redis::Value::Array(entries) = slots {
+            for e in entries {
+                let redis::Value::Array(f) = e else { continue };
+                let (
+                    Some(redis::Value::Int(a)),
+                    Some(redis::Value::Int(b)),
+                    Some(redis::Value::Array(node)),
+                ) = (f.first(), f.get(1), f.get(2))
+                else {
+                    continue;
+                };
+                let addr = format!("{:?}:{:?}", node.first(), node.get(1));
+                masters
+                    .entry(addr)
+                    .or_default()
+                    .push((*a as u16, *b as u16));
+            }
+        }
+        if masters.is_empty() {
+            return Err("CLUSTER SLOTS named no master".into());
+        }
+        let mut probes = Vec::new();
+        for ranges in masters.values() {
+            let name = (0..100_000u32)
+                .map(|k| {
+                    self.probe_channel
+                        .replacen("{gateway}", &format!("{{gateway-{k}}}"), 1)
+                })
+                .find(|n| {
+                    let s = crate::backend::slot(n.as_bytes());
+                    ranges.iter().any(|(a, b)| *a <= s && s <= *b)
+                })
+                .ok_or("no probe channel name lands on a master's slots")?;
+            probes.push(name);
+        }
+        probes.sort();
+        Ok(probes)
+    }
+
+    async fn probe(&self, channel: &str, seq: u64) -> Result<i64, Outage> {
         let work = async {
             let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
             redis::cmd(self.publish_command)
-                .arg(&self.probe_channel)
+                .arg(channel)
                 .arg(seq)
                 .query_async::<i64>(&mut conn)
                 .await
@@ -597,8 +668,8 @@ impl Sink {
 struct Incoming {
     hub: Arc<Hub>,
     prefix: String,
-    probe_channel: String,
-    probe_seen: Arc<AtomicU64>,
+    /// Probe channels and the highest probe seen back on each.
+    probe_seen: Arc<HashMap<String, AtomicU64>>,
     max: usize,
     last_seen: Arc<Mutex<HashMap<String, Mark>>>,
     last_contact: Arc<AtomicU64>,
@@ -607,9 +678,9 @@ struct Incoming {
 impl Incoming {
     fn message(&self, name: &str, payload: &[u8]) {
         self.last_contact.store(unix_ms(), Ordering::Relaxed);
-        if name == self.probe_channel {
+        if let Some(seen) = self.probe_seen.get(name) {
             if let Ok(seq) = std::str::from_utf8(payload).unwrap_or("").parse::<u64>() {
-                self.probe_seen.fetch_max(seq, Ordering::AcqRel);
+                seen.fetch_max(seq, Ordering::AcqRel);
             }
         } else if let Some(channel) = name.strip_prefix(self.prefix.as_str()) {
             match decode_durable(payload) {

@@ -11,7 +11,6 @@
 //! publish the same way, in one atomic step. Reads are one script per channel (`after.lua`).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::backend::Commands as Pool;
 use bytes::Bytes;
@@ -22,7 +21,7 @@ use tokio::time::timeout;
 use super::{History, HistoryError, Mark, Page, Position, Stored, NO_EPOCH};
 use crate::config::Config;
 
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+use crate::backend::COMMAND_TIMEOUT;
 
 /// Redis-backed history (cheap to clone: one shared state).
 #[derive(Clone)]

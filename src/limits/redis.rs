@@ -30,7 +30,7 @@ use tokio::time::{timeout, Instant};
 use super::{LimitError, Limiter};
 use crate::hub::{CloseReason, Hub};
 
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+use crate::backend::COMMAND_TIMEOUT;
 
 /// Redis-backed per-user limiter.
 pub struct RedisLimiter {

@@ -48,6 +48,16 @@ impl Node {
         (out.status.success() && !text.starts_with("Could not connect")).then_some(text)
     }
 
+    /// Sends a signal (`STOP`, `CONT`, …): a stopped node keeps its connections open and
+    /// answers nothing.
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args([&format!("-{sig}"), &c.id().to_string()])
+                .status();
+        }
+    }
+
     /// SIGKILL, like a crash.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
