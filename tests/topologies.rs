@@ -63,26 +63,41 @@ fn one_channel_per_master(cluster: &Cluster, prefix: &str) -> Vec<String> {
     out
 }
 
-#[tokio::test]
-async fn a_cluster_carries_events_resumes_and_limits_across_replicas() {
-    let cluster = Cluster::start();
+/// Two ready replicas on `url` with `extra` settings, and a stream on a channel of every master
+/// on each (channel names from `prefix`, users from `tag`).
+async fn two_replicas_streaming(
+    cluster: &Cluster,
+    extra: &[(&str, &str)],
+    prefix: &str,
+    tag: &str,
+) -> (Gateway, Gateway, Vec<String>, Vec<(String, SseClient)>) {
     let url = cluster.url();
-    let env = [
-        ("SSE_GATEWAY_REDIS_URL", url.as_str()),
-        ("SSE_GATEWAY_MAX_CONNECTIONS_PER_USER", "2"),
-    ];
+    let mut env = vec![("SSE_GATEWAY_REDIS_URL", url.as_str())];
+    env.extend_from_slice(extra);
     let a = Gateway::start(&env);
     let b = Gateway::start(&env);
     a.wait_ready(true, T).await;
     b.wait_ready(true, T).await;
-
-    // Channels on every shard, a stream for each on each replica.
-    let channels = one_channel_per_master(&cluster, "orders-");
+    let channels = one_channel_per_master(cluster, prefix);
     let mut streams = Vec::new();
     for (i, c) in channels.iter().enumerate() {
-        streams.push((c.clone(), open(&a, c, &format!("ua{i}")).await));
-        streams.push((c.clone(), open(&b, c, &format!("ub{i}")).await));
+        streams.push((c.clone(), open(&a, c, &format!("{tag}a{i}")).await));
+        streams.push((c.clone(), open(&b, c, &format!("{tag}b{i}")).await));
     }
+    (a, b, channels, streams)
+}
+
+#[tokio::test]
+async fn a_cluster_carries_events_resumes_and_limits_across_replicas() {
+    let cluster = Cluster::start();
+    // Channels on every shard, a stream for each on each replica.
+    let (a, b, channels, mut streams) = two_replicas_streaming(
+        &cluster,
+        &[("SSE_GATEWAY_MAX_CONNECTIONS_PER_USER", "2")],
+        "orders-",
+        "u",
+    )
+    .await;
     // Raw events: SPUBLISH on the channel's shard reaches both replicas' streams.
     for c in &channels {
         assert_eq!(
@@ -146,18 +161,7 @@ async fn a_cluster_carries_events_resumes_and_limits_across_replicas() {
 #[tokio::test]
 async fn streams_keep_receiving_after_a_cluster_master_dies() {
     let mut cluster = Cluster::start();
-    let url = cluster.url();
-    let env = [("SSE_GATEWAY_REDIS_URL", url.as_str())];
-    let a = Gateway::start(&env);
-    let b = Gateway::start(&env);
-    a.wait_ready(true, T).await;
-    b.wait_ready(true, T).await;
-    let channels = one_channel_per_master(&cluster, "live-");
-    let mut streams = Vec::new();
-    for (i, c) in channels.iter().enumerate() {
-        streams.push((c.clone(), open(&a, c, &format!("ka{i}")).await));
-        streams.push((c.clone(), open(&b, c, &format!("kb{i}")).await));
-    }
+    let (a, b, channels, mut streams) = two_replicas_streaming(&cluster, &[], "live-", "k").await;
     for c in &channels {
         assert_eq!(publish(&a, c, "before", T).await.status, 202);
     }

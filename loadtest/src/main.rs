@@ -192,6 +192,21 @@ enum Scenario {
     ClientWorker,
 }
 
+impl Scenario {
+    /// Where the report goes (`--json`, `--html`), for the scenarios that write one.
+    fn outputs(&self) -> (Option<String>, Option<String>) {
+        match self {
+            Scenario::Idle { common, .. }
+            | Scenario::Broadcast { common, .. }
+            | Scenario::Private { common, .. }
+            | Scenario::Churn { common, .. }
+            | Scenario::Audit { common, .. }
+            | Scenario::Storm { common, .. } => (common.json.clone(), common.html.clone()),
+            _ => (None, None),
+        }
+    }
+}
+
 #[derive(Args)]
 pub(crate) struct Common {
     /// Client addresses of the system under test (streams are spread round-robin).
@@ -558,51 +573,36 @@ fn load(path: &PathBuf) -> Result<Report, String> {
 }
 
 async fn run(command: Scenario) -> Result<bool, String> {
-    let (report, outputs) = match command {
+    let outputs = command.outputs();
+    let report = match command {
         Scenario::Idle { common, hold_secs } => {
-            let out = (common.json.clone(), common.html.clone());
-            (idle(common, Duration::from_secs(hold_secs)).await?, out)
+            idle(common, Duration::from_secs(hold_secs)).await?
         }
         Scenario::Broadcast {
             common,
             publish,
             pace,
-        } => {
-            let out = (common.json.clone(), common.html.clone());
-            (streaming("broadcast", common, publish, pace).await?, out)
-        }
+        } => streaming("broadcast", common, publish, pace).await?,
         Scenario::Private {
             common,
             publish,
             pace,
-        } => {
-            let out = (common.json.clone(), common.html.clone());
-            (streaming("private", common, publish, pace).await?, out)
-        }
+        } => streaming("private", common, publish, pace).await?,
         Scenario::Churn {
             common,
             concurrency,
             secs,
-        } => {
-            let out = (common.json.clone(), common.html.clone());
-            (churn(common, concurrency, secs).await?, out)
-        }
+        } => churn(common, concurrency, secs).await?,
         Scenario::Audit {
             common,
             durable,
             kill_pid,
-        } => {
-            let out = (common.json.clone(), common.html.clone());
-            (audit("audit", common, durable, kill_pid).await?, out)
-        }
+        } => audit("audit", common, durable, kill_pid).await?,
         Scenario::Storm {
             common,
             durable,
             kill_pid,
-        } => {
-            let out = (common.json.clone(), common.html.clone());
-            (audit("storm", common, durable, Some(kill_pid)).await?, out)
-        }
+        } => audit("storm", common, durable, Some(kill_pid)).await?,
         Scenario::IdleH2 {
             common,
             per_connection,
