@@ -26,6 +26,10 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// seed that stopped answering costs this much on each reconnect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+const SCHEMES_HINT: &str = "must start with redis://, rediss://, redis+sentinel:// or \
+     redis+cluster:// (examples: redis://127.0.0.1:6379/0, \
+     redis+sentinel://s1:26379,s2:26379/mymaster, redis+cluster://n1:6379,n2:6379)";
+
 /// Where Redis is, as `SSE_GATEWAY_REDIS_URL` says.
 #[derive(Clone)]
 pub enum Topology {
@@ -55,7 +59,10 @@ impl Topology {
     pub fn parse(url: &str) -> Result<Self, String> {
         // Never the URL itself in a message: it may hold a password.
         let bad = |e: &dyn std::fmt::Display| e.to_string();
-        if let Some((scheme, rest)) = url.split_once("://") {
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(bad(&SCHEMES_HINT));
+        };
+        {
             let tls = scheme.starts_with("rediss");
             let base = if tls { "rediss" } else { "redis" };
             match scheme {
@@ -101,7 +108,8 @@ impl Topology {
                     let client = cluster_builder(&seeds).build().map_err(|e| bad(&e))?;
                     return Ok(Self::Cluster(Arc::new(ClusterSource { seeds, client })));
                 }
-                _ => {}
+                "redis" | "rediss" => {}
+                _ => return Err(bad(&SCHEMES_HINT)),
             }
         }
         Client::open(url)
@@ -112,6 +120,15 @@ impl Topology {
     /// Whether events travel over sharded pub/sub (`SPUBLISH`) rather than `PUBLISH`.
     pub fn sharded(&self) -> bool {
         matches!(self, Self::Cluster(_))
+    }
+
+    /// The command events are published with: `SPUBLISH` on a cluster, else `PUBLISH`.
+    pub fn publish_command(&self) -> &'static str {
+        if self.sharded() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
     }
 
     /// A client for the server that takes writes now (asks Sentinel each time); `None` for a
@@ -208,7 +225,14 @@ fn node_info(
 #[derive(Clone)]
 pub struct Commands {
     topology: Topology,
-    current: Arc<tokio::sync::Mutex<Option<Shared>>>,
+    current: Arc<tokio::sync::Mutex<Current>>,
+}
+
+/// The connection in use, numbered so that a failure seen on an older one never drops a newer.
+#[derive(Default)]
+struct Current {
+    generation: u64,
+    shared: Option<Shared>,
 }
 
 #[derive(Clone)]
@@ -222,7 +246,7 @@ impl Commands {
     pub fn new(topology: Topology) -> Self {
         Self {
             topology,
-            current: Arc::new(tokio::sync::Mutex::new(None)),
+            current: Arc::new(tokio::sync::Mutex::new(Current::default())),
         }
     }
 
@@ -234,9 +258,10 @@ impl Commands {
     /// A handle on the shared connection, connecting if there is none.
     pub async fn get(&self) -> Result<Conn, String> {
         let mut current = self.current.lock().await;
-        if let Some(shared) = current.as_ref() {
+        if let Some(shared) = current.shared.as_ref() {
             return Ok(Conn {
                 shared: shared.clone(),
+                generation: current.generation,
                 owner: self.current.clone(),
             });
         }
@@ -267,9 +292,11 @@ impl Commands {
                 )
             }
         };
-        *current = Some(shared.clone());
+        current.generation += 1;
+        current.shared = Some(shared.clone());
         Ok(Conn {
             shared,
+            generation: current.generation,
             owner: self.current.clone(),
         })
     }
@@ -278,7 +305,8 @@ impl Commands {
 /// One use of the shared connection; commands on it are pipelined with everyone else's.
 pub struct Conn {
     shared: Shared,
-    owner: Arc<tokio::sync::Mutex<Option<Shared>>>,
+    generation: u64,
+    owner: Arc<tokio::sync::Mutex<Current>>,
 }
 
 impl Conn {
@@ -294,11 +322,18 @@ impl Conn {
         // On a cluster too: a master that stopped answering stays in the connection's slot map
         // until something fails loudly, so a timeout must rebuild the map from the seeds.
         if broken {
-            if let Ok(mut current) = self.owner.try_lock() {
-                *current = None;
-            } else {
-                let owner = self.owner.clone();
-                tokio::spawn(async move { *owner.lock().await = None });
+            let generation = self.generation;
+            let forget = move |current: &mut Current| {
+                if current.generation == generation {
+                    current.shared = None;
+                }
+            };
+            match self.owner.try_lock() {
+                Ok(mut current) => forget(&mut current),
+                Err(_) => {
+                    let owner = self.owner.clone();
+                    tokio::spawn(async move { forget(&mut *owner.lock().await) });
+                }
             }
         }
     }

@@ -483,25 +483,8 @@ impl Settings {
 
 fn validate_redis_url(url: String) -> Result<String, ConfigError> {
     const SETTING: &str = "SSE_GATEWAY_REDIS_URL";
-    const SCHEMES: [&str; 6] = [
-        "redis://",
-        "rediss://",
-        "redis+sentinel://",
-        "rediss+sentinel://",
-        "redis+cluster://",
-        "rediss+cluster://",
-    ];
-    if !SCHEMES.iter().any(|s| url.starts_with(s)) {
-        return Err(bad(
-            SETTING,
-            "must start with redis://, rediss://, redis+sentinel:// or redis+cluster:// \
-             (examples: redis://127.0.0.1:6379/0, redis+sentinel://s1:26379,s2:26379/mymaster, \
-             redis+cluster://n1:6379,n2:6379)",
-        ));
-    }
-    // Parse it the way the driver will, so a typo fails here rather than at the first connect.
-    crate::backend::Topology::parse(&url)
-        .map_err(|e| bad(SETTING, format!("cannot be parsed: {e}")))?;
+    // Parse it the way the replica will, so a typo fails here rather than at the first connect.
+    crate::backend::Topology::parse(&url).map_err(|e| bad(SETTING, e))?;
     Ok(url)
 }
 

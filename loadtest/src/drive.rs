@@ -81,7 +81,6 @@ impl Publisher {
                 .await
                 .is_ok(),
             (Via::Gateway { targets, .. }, Conn::Http(tcp)) => {
-                let targets = targets.clone();
                 let body = serde_json::json!({ "channel": channel, "data": payload }).to_string();
                 let headers = format!(
                     "Authorization: Bearer {}\r\nContent-Type: application/json\r\n",

@@ -363,10 +363,6 @@ struct Durable {
     grace_secs: u64,
 }
 
-fn ms(h: &hdrhistogram::Histogram<u64>) -> Option<Percentiles> {
-    Percentiles::of(h)
-}
-
 async fn idle(common: Common, hold: Duration) -> Result<Report, String> {
     let servers = common.servers();
     let mut report = common.report("idle", serde_json::json!({ "hold_secs": hold.as_secs() }));
@@ -388,8 +384,8 @@ async fn idle(common: Common, hold: Duration) -> Result<Report, String> {
 /// Copies the run totals into the report.
 fn finish_report(report: &mut Report, agg: &stats::Aggregate, summary: Option<clients::Summary>) {
     report.deliveries = agg.delivered;
-    report.latency_ms = ms(&agg.latency);
-    report.connect_ms = ms(&agg.connect);
+    report.latency_ms = Percentiles::of(&agg.latency);
+    report.connect_ms = Percentiles::of(&agg.connect);
     report.failed = agg.failed;
     report.series = agg.series.clone();
     report.audit = summary;
@@ -556,7 +552,7 @@ async fn audit(
             .then(|| (summary.last_recovered_ns - killed_ns) as f64 / 1e9);
         let mut h = stats::histogram();
         stats::add_buckets(&mut h, &summary.recovery);
-        report.recovery_ms = ms(&h);
+        report.recovery_ms = Percentiles::of(&h);
     }
     let window = summary.last_delivery_ns.saturating_sub(t0) as f64 / 1e9;
     finish_report(&mut report, &agg, Some(summary));

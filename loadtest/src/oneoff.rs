@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 
 use crate::net::{connect, mint, mint_publisher, open, post};
 use crate::Common;
+use sse_gateway::history::{Cursor, Mark, Position};
 
 pub(crate) async fn idle_h2(common: Common, per_connection: usize, hold: Duration) {
     use http_body_util::Empty;
@@ -226,8 +227,17 @@ pub(crate) async fn resume_latency(
             .await
             .expect("FCALL");
         drop(stream);
-        // The single-channel cursor: channel tag, epoch, position (what POST /publish returns).
-        let cursor = format!("{:08x}.{}.{}", fnv(&common.channel), r[0], r[1]);
+        // The single-channel cursor the gateway itself would write (what POST /publish returns).
+        let cursor = Cursor {
+            marks: vec![(
+                common.channel.as_str().into(),
+                Mark {
+                    epoch: r[0].clone(),
+                    pos: Position::parse(&r[1]).expect("FCALL answers a stream position"),
+                },
+            )],
+        }
+        .encode();
         for i in 0..missed {
             let _: Vec<String> = redis::cmd("FCALL")
                 .arg("sse_publish")
@@ -265,13 +275,4 @@ pub(crate) async fn resume_latency(
         times[times.len() / 2].as_secs_f64() * 1000.0,
         times[times.len() - 1].as_secs_f64() * 1000.0
     );
-}
-
-fn fnv(s: &str) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in s.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h
 }

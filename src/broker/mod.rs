@@ -160,7 +160,7 @@ pub fn from_config(
             );
             let history = keep_history.then(|| RedisHistory::new(pool.clone(), config));
             let broker =
-                redis::RedisBroker::start(url, config, hub.clone(), pool.clone(), history.clone())?;
+                redis::RedisBroker::start(config, hub.clone(), pool.clone(), history.clone())?;
             let limiter =
                 RedisLimiter::start(pool, config, hub, admin_addr, replica_id.to_string());
             Ok(Backends {

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::backend::{Commands as Pool, Topology};
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::StreamExt;
@@ -25,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 
 use super::{dispatch, dispatch_durable, Broker, BrokerError};
+use crate::backend::{Commands as Pool, Topology, COMMAND_TIMEOUT};
 use crate::history::redis::RedisHistory;
 use crate::history::{decode_durable, History, Mark, Position, ANY_EPOCH, PAGE};
 use crate::hub::Hub;
@@ -34,7 +34,6 @@ use crate::metrics as m;
 const BATCH: usize = 1000;
 /// How long a channel stays subscribed after its last local subscriber left.
 const UNSUBSCRIBE_GRACE: Duration = Duration::from_secs(1);
-use crate::backend::COMMAND_TIMEOUT;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -77,19 +76,13 @@ type Outage = String;
 impl RedisBroker {
     /// Starts the manager; the replica is not ready until the first connection is subscribed.
     pub fn start(
-        url: &str,
         config: &crate::config::Config,
         hub: Arc<Hub>,
         pool: Pool,
         history: Option<RedisHistory>,
     ) -> Result<Self, String> {
-        let _ = url;
         let topology = pool.topology().clone();
-        let publish_command = if topology.sharded() {
-            "SPUBLISH"
-        } else {
-            "PUBLISH"
-        };
+        let publish_command = topology.publish_command();
         let (tx, rx) = mpsc::unbounded_channel();
         let ready = Arc::new(AtomicBool::new(false));
         let replica: u64 = rand::random();

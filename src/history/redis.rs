@@ -12,16 +12,14 @@
 
 use std::sync::Arc;
 
-use crate::backend::Commands as Pool;
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
 use redis::{Script, Value};
 use tokio::time::timeout;
 
 use super::{History, HistoryError, Mark, Page, Position, Stored, NO_EPOCH};
+use crate::backend::{Commands as Pool, COMMAND_TIMEOUT};
 use crate::config::Config;
-
-use crate::backend::COMMAND_TIMEOUT;
 
 /// Redis-backed history (cheap to clone: one shared state).
 #[derive(Clone)]
@@ -78,7 +76,6 @@ impl RedisHistory {
 impl Inner {
     fn new(pool: Pool, config: &Config) -> Self {
         let prefix = config.channel_prefix.clone();
-        let sharded = pool.topology().sharded();
         let function = function_name(&prefix);
         let escaped = prefix.replace('\\', "\\\\").replace('\'', "\\'");
         let library = include_str!("library.lua")
@@ -88,7 +85,7 @@ impl Inner {
             .replace("__MAXLEN__", &config.history_size.to_string())
             .replace("__TTL_MS__", &config.history_ttl.as_millis().to_string())
             .replace("__MAX_BYTES__", &config.max_event_bytes.to_string())
-            .replace("__PUBLISH__", if sharded { "SPUBLISH" } else { "PUBLISH" });
+            .replace("__PUBLISH__", pool.topology().publish_command());
         Self {
             pool,
             prefix,

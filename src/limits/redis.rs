@@ -21,16 +21,14 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use crate::backend::Commands as Pool;
 use futures_util::future::{BoxFuture, FutureExt};
 use redis::{Script, Value};
 use tokio::sync::oneshot;
 use tokio::time::{timeout, Instant};
 
 use super::{LimitError, Limiter};
+use crate::backend::{Commands as Pool, COMMAND_TIMEOUT};
 use crate::hub::{CloseReason, Hub};
-
-use crate::backend::COMMAND_TIMEOUT;
 
 /// Redis-backed per-user limiter.
 pub struct RedisLimiter {

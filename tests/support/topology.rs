@@ -8,6 +8,21 @@ use std::time::{Duration, Instant};
 
 use super::free_port;
 
+/// Polls `ok` every 50 ms until it holds; fails the test with `what` after `within`.
+fn wait_for(within: Duration, what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether a node's replication link to its master is up.
+fn synced(n: &Node) -> bool {
+    n.cmd(&["INFO", "replication"])
+        .is_some_and(|i| i.contains("master_link_status:up"))
+}
+
 /// One `redis-server` process.
 pub struct Node {
     pub port: u16,
@@ -26,14 +41,11 @@ impl Node {
             port,
             child: Some(child),
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while node.cmd(&["PING"]).is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on {port} did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for(
+            Duration::from_secs(10),
+            &format!("redis-server on {port} did not start"),
+            || node.cmd(&["PING"]).is_some(),
+        );
         node
     }
 
@@ -141,20 +153,9 @@ impl Cluster {
         let cluster = Cluster { nodes, dir };
         cluster.wait_healthy(Duration::from_secs(30));
         // A replica that has never synced cannot take over: wait for all three links.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while cluster
-            .nodes
-            .iter()
-            .filter(|n| {
-                n.cmd(&["INFO", "replication"])
-                    .is_some_and(|i| i.contains("master_link_status:up"))
-            })
-            .count()
-            < 3
-        {
-            assert!(Instant::now() < deadline, "the replicas did not sync");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for(Duration::from_secs(30), "the replicas did not sync", || {
+            cluster.nodes.iter().filter(|n| synced(n)).count() == 3
+        });
         cluster
     }
 
@@ -371,22 +372,18 @@ impl Sentinels {
             dir,
         };
         // Wait until the replica is in sync and the sentinels know it.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let synced = set
-                .replica
-                .cmd(&["INFO", "replication"])
-                .is_some_and(|i| i.contains("master_link_status:up"));
-            let known = set.sentinels.iter().all(|s| {
-                s.cmd(&["SENTINEL", "replicas", "mymaster"])
-                    .is_some_and(|r| r.contains(&rport.to_string()))
-            });
-            if synced && known {
-                return set;
-            }
-            assert!(Instant::now() < deadline, "the Sentinel set did not settle");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for(
+            Duration::from_secs(20),
+            "the Sentinel set did not settle",
+            || {
+                synced(&set.replica)
+                    && set.sentinels.iter().all(|s| {
+                        s.cmd(&["SENTINEL", "replicas", "mymaster"])
+                            .is_some_and(|r| r.contains(&rport.to_string()))
+                    })
+            },
+        );
+        set
     }
 
     pub fn url(&self) -> String {
