@@ -165,6 +165,10 @@ pub struct Settings {
     /// Seconds a client has to send its request headers (slow-header attacks).
     #[arg(long, env = "SSE_GATEWAY_HEADER_TIMEOUT_SECS", default_value_t = 10)]
     pub header_timeout_secs: u64,
+    /// Seconds a stream's socket may take no bytes before it is cut as a slow consumer; also
+    /// the socket's TCP_USER_TIMEOUT, so a client that vanished silently is noticed.
+    #[arg(long, env = "SSE_GATEWAY_WRITE_TIMEOUT_SECS", default_value_t = 30)]
+    pub write_timeout_secs: u64,
     /// Stream and publish requests being authenticated at once; more get 503 `capacity`.
     #[arg(
         long,
@@ -270,6 +274,8 @@ pub struct Config {
     pub max_stream_age: Duration,
     /// Time allowed for request headers.
     pub header_timeout: Duration,
+    /// Longest time a stream's socket may take no bytes.
+    pub write_timeout: Duration,
     /// Concurrent handshakes allowed.
     pub max_pending_handshakes: usize,
 }
@@ -472,6 +478,10 @@ impl Settings {
             header_timeout: Duration::from_secs(positive(
                 "SSE_GATEWAY_HEADER_TIMEOUT_SECS",
                 self.header_timeout_secs,
+            )?),
+            write_timeout: Duration::from_secs(positive(
+                "SSE_GATEWAY_WRITE_TIMEOUT_SECS",
+                self.write_timeout_secs,
             )?),
             max_pending_handshakes: positive(
                 "SSE_GATEWAY_MAX_PENDING_HANDSHAKES",

@@ -24,6 +24,7 @@ use crate::body::GatewayBody;
 use crate::router;
 use crate::server::ConnInfo;
 use crate::state::AppState;
+use crate::watchdog::Watch;
 
 /// Largest request head the lean path reads before handing over to hyper.
 const MAX_HEAD: usize = 64 * 1024;
@@ -154,48 +155,71 @@ where
         out.extend_from_slice(&body);
         return io.write_all(&out).await;
     }
+    let watch = Watch::current();
     let head = Bytes::from(head(&response, "transfer-encoding: chunked\r\n"));
     let mut body = response.into_body();
     let mut pending: Option<Bytes> = Some(head);
     let mut probe = [0u8; 64];
-    loop {
-        tokio::select! {
-            frame = body.frame() => {
-                let Some(Ok(frame)) = frame else {
-                    // The stream ended (expiry, drain, …): the last chunk, then close.
-                    let mut end = pending.take().map(|b| b.to_vec()).unwrap_or_default();
-                    end.extend_from_slice(b"0\r\n\r\n");
-                    return io.write_all(&end).await;
-                };
-                let Ok(data) = frame.into_data() else { continue };
-                if data.is_empty() {
-                    continue;
-                }
-                let size = Bytes::from(format!("{:x}\r\n", data.len()));
-                let prefix = match pending.take() {
-                    Some(head) => {
-                        let mut both = BytesMut::with_capacity(head.len() + size.len());
-                        both.extend_from_slice(&head);
-                        both.extend_from_slice(&size);
-                        both.freeze()
+    let written: io::Result<()> = async {
+        loop {
+            tokio::select! {
+                frame = body.frame() => {
+                    let Some(Ok(frame)) = frame else {
+                        // The stream ended (expiry, drain, …): the last chunk, then close.
+                        let mut end = pending.take().map(|b| b.to_vec()).unwrap_or_default();
+                        end.extend_from_slice(b"0\r\n\r\n");
+                        return io.write_all(&end).await;
+                    };
+                    let Ok(data) = frame.into_data() else { continue };
+                    if data.is_empty() {
+                        continue;
                     }
-                    None => size,
-                };
-                // Size line, data and CRLF in one vectored write.
-                let mut chunk = prefix.chain(data).chain(&b"\r\n"[..]);
-                while chunk.has_remaining() {
-                    io.write_all_buf(&mut chunk).await?;
+                    let size = Bytes::from(format!("{:x}\r\n", data.len()));
+                    let prefix = match pending.take() {
+                        Some(head) => {
+                            let mut both = BytesMut::with_capacity(head.len() + size.len());
+                            both.extend_from_slice(&head);
+                            both.extend_from_slice(&size);
+                            both.freeze()
+                        }
+                        None => size,
+                    };
+                    // Size line, data and CRLF in one vectored write; every bit the socket takes
+                    // counts as progress for the stream's write deadline.
+                    let mut chunk = prefix.chain(data).chain(&b"\r\n"[..]);
+                    while chunk.has_remaining() {
+                        if io.write_buf(&mut chunk).await? == 0 {
+                            return Err(io::ErrorKind::WriteZero.into());
+                        }
+                        if let Some(watch) = &watch {
+                            watch.progress();
+                        }
+                    }
                 }
-            }
-            read = io.read(&mut probe) => {
-                // A client sends nothing after its request: end of file (or an error) means it
-                // has gone; anything else is ignored.
-                if matches!(read, Ok(0) | Err(_)) {
-                    return Ok(());
+                read = io.read(&mut probe) => {
+                    // A client sends nothing after its request: end of file (or an error) means it
+                    // has gone; anything else is ignored.
+                    match read {
+                        Ok(0) => return Ok(()),
+                        Err(e) => return Err(e),
+                        Ok(_) => {}
+                    }
                 }
             }
         }
     }
+    .await;
+    if let Err(e) = &written {
+        // TCP_USER_TIMEOUT (= SSE_GATEWAY_WRITE_TIMEOUT_SECS): the socket took no bytes. Said
+        // before the body (and with it the stream's guard) drops.
+        if e.kind() == io::ErrorKind::TimedOut {
+            if let Some(watch) = &watch {
+                watch.record(crate::hub::CloseReason::SlowConsumer);
+            }
+        }
+    }
+    drop(body);
+    written
 }
 
 /// An I/O object that first yields bytes already read from it.

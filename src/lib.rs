@@ -50,6 +50,7 @@ pub mod shutdown;
 pub mod sse;
 pub mod state;
 pub mod tls;
+pub mod watchdog;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -14,6 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -22,6 +23,7 @@ use crate::metrics::Exporter;
 use crate::router;
 use crate::state::AppState;
 use crate::tls::Tls;
+use crate::watchdog::{StreamExecutor, Watch};
 
 /// The HTTP connection a request arrived on.
 #[derive(Debug, Clone)]
@@ -36,8 +38,8 @@ pub struct ConnInfo {
 
 /// Largest HTTP/1.1 read or write buffer per connection (also bounds request headers).
 const MAX_BUF: usize = 64 * 1024;
-fn builder(heartbeat: Duration, header_timeout: Duration) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
+fn builder<E: Clone>(exec: E, heartbeat: Duration, header_timeout: Duration) -> auto::Builder<E> {
+    let mut b = auto::Builder::new(exec);
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
@@ -83,16 +85,34 @@ async fn accept(
 }
 
 /// Serves `/events` and `/publish` (over TLS when `tls` is set) until `stop` is cancelled.
+///
+/// At most `MAX_CONNECTIONS + MAX_PENDING_HANDSHAKES` client sockets are open at once (SPEC
+/// §6.2): past that, new connections wait in the kernel's accept queue until one closes, so a
+/// flood of idle sockets cannot exhaust file descriptors.
 pub async fn serve_client(
     listener: TcpListener,
     state: Arc<AppState>,
     tls: Option<Tls>,
     stop: CancellationToken,
 ) {
-    let builder = builder(state.config.heartbeat, state.config.header_timeout);
+    let sockets = Arc::new(Semaphore::new(socket_cap(&state)));
     let ids = AtomicU64::new(1);
-    while let Some((stream, remote)) = accept(&listener, &stop, "client").await {
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = sockets.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let Some((stream, remote)) = accept(&listener, &stop, "client").await else {
+            return;
+        };
         let _ = stream.set_nodelay(true);
+        // A client that vanished without FIN or RST is noticed once written bytes stay
+        // unacknowledged this long.
+        let _ =
+            socket2::SockRef::from(&stream).set_tcp_user_timeout(Some(state.config.write_timeout));
         let id = ids.fetch_add(1, Ordering::Relaxed);
         let conn_info = ConnInfo {
             id,
@@ -100,13 +120,13 @@ pub async fn serve_client(
             kill: CancellationToken::new(),
         };
         let state = state.clone();
-        let builder = builder.clone();
         let span = tracing::info_span!("conn", id, remote = %remote);
         let acceptor = tls.as_ref().map(Tls::acceptor);
         tokio::spawn(
             async move {
+                let _permit = permit;
                 match acceptor {
-                    None => serve(builder, stream, state, conn_info).await,
+                    None => serve(stream, state, conn_info).await,
                     // Boxed: a TLS connection's state is large, and plain connections
                     // should not pay for it in every task.
                     Some(acceptor) => {
@@ -114,9 +134,7 @@ pub async fn serve_client(
                             // The handshake gets the same time budget as request headers.
                             let limit = state.config.header_timeout;
                             match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-                                Ok(Ok(tls_stream)) => {
-                                    serve(builder, tls_stream, state, conn_info).await
-                                }
+                                Ok(Ok(tls_stream)) => serve(tls_stream, state, conn_info).await,
                                 Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
                                 Err(_) => tracing::debug!("TLS handshake timed out"),
                             }
@@ -130,14 +148,20 @@ pub async fn serve_client(
     }
 }
 
+fn socket_cap(state: &AppState) -> usize {
+    let cap = state
+        .config
+        .max_connections
+        .saturating_add(state.config.max_pending_handshakes as u64);
+    usize::try_from(cap)
+        .unwrap_or(usize::MAX)
+        .min(Semaphore::MAX_PERMITS)
+}
+
 /// Serves one client connection until it ends or the gateway cuts it: a plain HTTP/1.1
 /// `GET /events` on the lean path, everything else with hyper.
-async fn serve<I>(
-    builder: auto::Builder<TokioExecutor>,
-    mut io: I,
-    state: Arc<AppState>,
-    conn_info: ConnInfo,
-) where
+async fn serve<I>(mut io: I, state: Arc<AppState>, conn_info: ConnInfo)
+where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     // The big futures (hyper's connection, the request handler) are boxed, so that the task of
@@ -145,45 +169,68 @@ async fn serve<I>(
     match Box::pin(h1stream::classify(&mut io, state.config.header_timeout)).await {
         Start::Closed => {}
         Start::Stream(req) => {
-            let cancel = conn_info.kill.clone();
-            tokio::select! {
-                _ = h1stream::serve(io, req, state, conn_info) => {}
-                _ = cancel.cancelled() => tracing::debug!("connection cut by the gateway"),
+            let watch = Watch::new(conn_info.kill.clone());
+            let served = watch.guard(h1stream::serve(io, req, state, conn_info));
+            if served.await.is_none() {
+                tracing::debug!("connection cut by the gateway");
             }
         }
         Start::Hyper(prefix) => {
-            Box::pin(serve_hyper(
-                builder,
-                Rewind::new(prefix, io),
-                state,
-                conn_info,
-            ))
-            .await
+            let h2 = prefix.starts_with(H2_PREFACE);
+            let watch = Watch::new(conn_info.kill.clone());
+            let served = watch.guard(serve_hyper(Rewind::new(prefix, io), h2, state, conn_info));
+            if Box::pin(served).await.is_none() {
+                tracing::debug!("connection cut by the gateway");
+            }
         }
     }
 }
 
-/// Serves a connection with hyper (HTTP/1.1 keep-alive, HTTP/2, errors).
-async fn serve_hyper<I>(
-    builder: auto::Builder<TokioExecutor>,
-    io: I,
-    state: Arc<AppState>,
-    conn_info: ConnInfo,
-) where
+/// How an HTTP/2 connection with prior knowledge (or after ALPN) starts.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+/// Serves a connection with hyper (HTTP/1.1 keep-alive, HTTP/2, errors). An HTTP/2
+/// connection with no open stream for `SSE_GATEWAY_HEADER_TIMEOUT_SECS` is told GOAWAY and
+/// closed (SPEC §6.2): otherwise a client with no token could hold sockets with pings alone.
+async fn serve_hyper<I>(io: I, h2: bool, state: Arc<AppState>, conn_info: ConnInfo)
+where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let cancel = conn_info.kill.clone();
+    let exec = StreamExecutor::default();
+    let streams = exec.streams();
+    let header_timeout = state.config.header_timeout;
+    let builder = builder(exec, state.config.heartbeat, header_timeout);
     let service = service_fn(move |req| {
         let state = state.clone();
         let conn_info = conn_info.clone();
         async move { Ok::<_, Infallible>(router::client(state, req, conn_info).await) }
     });
     let conn = builder.serve_connection(TokioIo::new(io), service);
-    tokio::select! {
-        r = conn => if let Err(e) = r {
-            tracing::debug!("connection ended: {e}");
-        },
-        _ = cancel.cancelled() => tracing::debug!("connection cut by the gateway"),
+    tokio::pin!(conn);
+    let idle = async {
+        if h2 {
+            streams.idle_for(header_timeout).await
+        } else {
+            std::future::pending().await
+        }
+    };
+    tokio::pin!(idle);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!("connection ended: {e}");
+                }
+                return;
+            }
+            _ = idle.as_mut(), if !closing => {
+                tracing::debug!("HTTP/2 connection without a stream past SSE_GATEWAY_HEADER_TIMEOUT_SECS: closing");
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tokio::time::sleep(header_timeout), if closing => return,
+        }
     }
 }
 
@@ -194,7 +241,11 @@ pub async fn serve_admin(
     exporter: Option<Exporter>,
     stop: CancellationToken,
 ) {
-    let builder = builder(Duration::from_secs(30), state.config.header_timeout);
+    let builder = builder(
+        TokioExecutor::new(),
+        Duration::from_secs(30),
+        state.config.header_timeout,
+    );
     while let Some((stream, _)) = accept(&listener, &stop, "admin").await {
         let state = state.clone();
         let exporter = exporter.clone();

@@ -26,6 +26,7 @@ use crate::limits::{LimitError, Slot};
 use crate::metrics as m;
 use crate::request::{bearer_token, query_pairs, redacted_path};
 use crate::state::AppState;
+use crate::watchdog::Watch;
 use stream::{Lifetime, SseStream, StreamGuard};
 
 /// Longest wait for the broker to confirm a subscription before the client gets 503.
@@ -153,7 +154,12 @@ async fn open<B>(
         channels,
         opened_at: SystemTime::now(),
     };
-    let (subscriber, rx) = Subscriber::new(stream_id, config.client_queue, conn.kill.clone(), info);
+    // Over HTTP/2 the stream runs under its own watch, so cutting a slow consumer resets only
+    // that stream; over HTTP/1.1 the watch's cut is the connection's.
+    let cut = Watch::current()
+        .map(|w| w.kill_token())
+        .unwrap_or_else(|| conn.kill.clone());
+    let (subscriber, rx) = Subscriber::new(stream_id, config.client_queue, cut, info);
     let (guard, _first) =
         StreamGuard::subscribe(subscriber, slot, state.hub.clone(), state.broker.clone());
     // Ask for every channel of the stream, not only the new ones: a channel another stream
@@ -189,6 +195,7 @@ async fn open<B>(
                     .max_stream_age
                     .mul_f64(0.9 + 0.1 * rand::random::<f64>())
             }),
+            write_timeout: config.write_timeout,
         }
     };
     let mut prelude = bytes::BytesMut::from(&frame::prelude(config.retry_ms)[..]);

@@ -27,9 +27,12 @@ use crate::limits::Slot;
 use crate::metrics as m;
 use crate::sse::frame;
 use crate::sse::resume::{gap_frame, Fold, Replayer, Tracker};
+use crate::watchdog::Watch;
 
 /// Most frames written in one go.
 const MAX_BATCH: usize = 64;
+/// A batch stops growing past this many bytes, so one write never holds a slow socket long.
+const MAX_BATCH_BYTES: usize = 64 * 1024;
 
 /// Owns a stream's subscriptions; releasing them is its drop.
 pub struct StreamGuard {
@@ -97,9 +100,19 @@ pub struct Lifetime {
     /// The stream's maximum age (off when `None`): `gateway.shutdown`, then the end, so that
     /// clients rebalance onto replicas added since they connected.
     pub max_age_at: Option<Instant>,
+    /// `SSE_GATEWAY_WRITE_TIMEOUT_SECS`: how long the socket may take no bytes.
+    pub write_timeout: Duration,
 }
 
 impl Lifetime {
+    /// The deadline no backlog may push back, and why the stream ends there.
+    fn hard(&self) -> (Instant, CloseReason) {
+        match self.max_age_at {
+            Some(at) if at < self.expires_at => (at, CloseReason::MaxAge),
+            _ => (self.expires_at, CloseReason::TokenExpired),
+        }
+    }
+
     fn next(&self, heartbeat_at: Instant) -> Instant {
         [
             Some(heartbeat_at),
@@ -127,7 +140,17 @@ pub struct SseStream {
     tracker: Option<Tracker>,
     /// History pages still to write before live events.
     replayer: Option<Replayer>,
+    /// Enforces the deadlines while the writer is blocked (see `watchdog`).
+    watch: Option<Arc<Watch>>,
     guard: StreamGuard,
+}
+
+impl Drop for SseStream {
+    fn drop(&mut self) {
+        if let Some(watch) = &self.watch {
+            watch.disarm();
+        }
+    }
 }
 
 impl SseStream {
@@ -146,6 +169,16 @@ impl SseStream {
             None => (None, None),
         };
         let first_deadline = lifetime.next(now + lifetime.heartbeat);
+        let watch = Watch::current();
+        if let Some(watch) = &watch {
+            let (hard, reason) = lifetime.hard();
+            watch.arm(
+                guard.sub.clone(),
+                hard,
+                reason,
+                lifetime.heartbeat + lifetime.write_timeout,
+            );
+        }
         Self {
             pending: Some(prelude),
             rx,
@@ -156,6 +189,7 @@ impl SseStream {
             done: false,
             tracker,
             replayer,
+            watch,
             guard,
         }
     }
@@ -196,7 +230,7 @@ impl SseStream {
         }
         let mut buf = BytesMut::new();
         let mut count = self.append(&mut buf, first);
-        while count < MAX_BATCH {
+        while count < MAX_BATCH && buf.len() < MAX_BATCH_BYTES {
             match self.rx.try_recv() {
                 Ok(next) => count += self.append(&mut buf, next),
                 Err(_) => break,
@@ -210,7 +244,7 @@ impl SseStream {
     fn concat(&mut self, first: Queued, second: Queued) -> Option<Bytes> {
         let mut buf = BytesMut::with_capacity((first.bytes.len() + second.bytes.len()) * 2);
         let mut count = self.append(&mut buf, first) + self.append(&mut buf, second);
-        while count < MAX_BATCH {
+        while count < MAX_BATCH && buf.len() < MAX_BATCH_BYTES {
             match self.rx.try_recv() {
                 Ok(next) => count += self.append(&mut buf, next),
                 Err(_) => break,
@@ -256,6 +290,9 @@ impl Body for SseStream {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
+        if let Some(watch) = &this.watch {
+            watch.progress();
+        }
         if let Some(bytes) = this.pending.take() {
             this.guard.sub.record_write(0, bytes.len() as u64);
             return Poll::Ready(Some(Ok(Frame::data(bytes))));
@@ -267,6 +304,11 @@ impl Body for SseStream {
         if this.guard.sub.shutdown_requested() {
             let goodbye = this.goodbye("shutdown");
             return this.finish(CloseReason::Shutdown, goodbye);
+        }
+        // Deadlines before data: a backlog never pushes back expiry, maximum age or a
+        // heartbeat (SPEC §6.2).
+        if let Some(ready) = this.poll_timer(cx) {
+            return ready;
         }
         if let (Some(replayer), Some(tracker)) = (this.replayer.as_mut(), this.tracker.as_mut()) {
             match replayer.poll_next(cx, tracker) {
@@ -292,41 +334,53 @@ impl Body for SseStream {
                 return Poll::Ready(Some(Ok(Frame::data(bytes))));
             }
         }
+        Poll::Pending
+    }
+}
+
+impl SseStream {
+    /// Whatever the stream's timer says is due now (expiry, maximum age, the expiry warning, a
+    /// heartbeat); `None` when nothing is, with the timer re-armed for the next deadline.
+    #[allow(clippy::type_complexity)]
+    fn poll_timer(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Option<Poll<Option<Result<Frame<Bytes>, Infallible>>>> {
         loop {
-            if this.timer.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return None;
             }
             let now = Instant::now();
-            let life = this.lifetime;
+            let life = self.lifetime;
             if now >= life.expires_at {
                 let last =
                     frame::control("gateway.token-expired", "{\"reason\":\"token_expired\"}");
-                return this.finish(CloseReason::TokenExpired, last);
+                return Some(self.finish(CloseReason::TokenExpired, last));
             }
             if life.max_age_at.is_some_and(|t| now >= t) {
-                let goodbye = this.goodbye("max_age");
-                return this.finish(CloseReason::MaxAge, goodbye);
+                let goodbye = self.goodbye("max_age");
+                return Some(self.finish(CloseReason::MaxAge, goodbye));
             }
             if life.warn_at.is_some_and(|t| now >= t) {
-                this.lifetime.warn_at = None;
-                this.last_write = now;
+                self.lifetime.warn_at = None;
+                self.last_write = now;
                 let left = life.expires_at.saturating_duration_since(now).as_millis();
                 let warning = frame::control(
                     "gateway.token-expiring",
                     &format!("{{\"expires_in_ms\":{left}}}"),
                 );
-                this.timer
+                self.timer
                     .as_mut()
-                    .reset(this.lifetime.next(now + life.heartbeat));
-                return Poll::Ready(Some(Ok(Frame::data(warning))));
+                    .reset(self.lifetime.next(now + life.heartbeat));
+                return Some(Poll::Ready(Some(Ok(Frame::data(warning)))));
             }
-            let heartbeat_at = this.last_write + life.heartbeat;
+            let heartbeat_at = self.last_write + life.heartbeat;
             if now >= heartbeat_at {
-                this.last_write = now;
-                this.timer.as_mut().reset(life.next(now + life.heartbeat));
-                return Poll::Ready(Some(Ok(Frame::data(frame::HEARTBEAT))));
+                self.last_write = now;
+                self.timer.as_mut().reset(life.next(now + life.heartbeat));
+                return Some(Poll::Ready(Some(Ok(Frame::data(frame::HEARTBEAT)))));
             }
-            this.timer.as_mut().reset(life.next(heartbeat_at));
+            self.timer.as_mut().reset(life.next(heartbeat_at));
         }
     }
 }
