@@ -68,7 +68,16 @@ impl Verifier {
             let mut v = Validation::new(alg);
             v.leeway = config.jwt_leeway.as_secs();
             v.validate_nbf = true;
-            v.set_required_spec_claims(required);
+            // A configured issuer or audience is required, not only checked when present
+            // (SPEC §6.3): a token without the claim is refused.
+            let mut required = required.to_vec();
+            if config.jwt_issuer.is_some() {
+                required.push("iss");
+            }
+            if config.jwt_audience.is_some() {
+                required.push("aud");
+            }
+            v.set_required_spec_claims(&required);
             match &config.jwt_issuer {
                 Some(iss) => v.set_issuer(&[iss]),
                 None => v.iss = None,
@@ -116,6 +125,12 @@ impl Verifier {
                     ErrorKind::InvalidAudience => "token audience (aud) is not accepted",
                     ErrorKind::MissingRequiredClaim(c) if c == "exp" => "token has no exp claim",
                     ErrorKind::MissingRequiredClaim(c) if c == "sub" => "token has no sub claim",
+                    ErrorKind::MissingRequiredClaim(c) if c == "iss" => {
+                        "token has no iss claim (SSE_GATEWAY_JWT_ISSUER is set)"
+                    }
+                    ErrorKind::MissingRequiredClaim(c) if c == "aud" => {
+                        "token has no aud claim (SSE_GATEWAY_JWT_AUDIENCE is set)"
+                    }
                     ErrorKind::Json(_) | ErrorKind::InvalidClaimFormat(_) => {
                         "token claims have the wrong types"
                     }

@@ -23,6 +23,8 @@ pub enum ApiError {
     NotFound,
     /// 405: the path exists, the method does not.
     MethodNotAllowed(&'static str),
+    /// 408: the request body did not arrive within `SSE_GATEWAY_HEADER_TIMEOUT_SECS`.
+    RequestTimeout,
     /// 413: the body is larger than allowed.
     PayloadTooLarge(String),
     /// 429: the user already holds the most streams allowed.
@@ -36,6 +38,13 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// 503 for a backend failure (SPEC §6.6): the caller is told `what` and to retry; the
+    /// detail, which may hold Redis's own words or a script hash, goes to the log only.
+    pub fn backend(what: &str, detail: impl std::fmt::Display) -> Self {
+        tracing::debug!(detail = %detail, "{what}");
+        ApiError::Unavailable(format!("{what}; retry"))
+    }
+
     /// The error code of the JSON body, also the `reason` label of rejection metrics.
     pub fn code(&self) -> &'static str {
         match self {
@@ -44,6 +53,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::RequestTimeout => "request_timeout",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UserLimit(_) => "user_limit",
             ApiError::Capacity => "capacity",
@@ -60,6 +70,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UserLimit(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Capacity | ApiError::Draining | ApiError::Unavailable(_) => {
@@ -78,6 +89,9 @@ impl ApiError {
             | ApiError::UserLimit(m)
             | ApiError::Unavailable(m) => m.clone(),
             ApiError::NotFound => "no such path".into(),
+            ApiError::RequestTimeout => {
+                "the body did not arrive within SSE_GATEWAY_HEADER_TIMEOUT_SECS".into()
+            }
             ApiError::MethodNotAllowed(allow) => format!("method not allowed; use {allow}"),
             ApiError::Capacity => "this replica is at its connection limit; retry later".into(),
             ApiError::Draining => "this replica is shutting down; reconnect".into(),

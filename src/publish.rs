@@ -17,7 +17,7 @@ use crate::body::GatewayBody;
 use crate::channel::{self, MAX_CHANNELS_PER_STREAM};
 use crate::error::ApiError;
 use crate::event::validate_event_name;
-use crate::history::Cursor;
+use crate::history::{Cursor, Mark};
 use crate::metrics as m;
 use crate::request::{bearer_token, query_pairs};
 use crate::state::AppState;
@@ -91,9 +91,12 @@ where
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
-    let body = Limited::new(req.into_body(), max)
-        .collect()
+    // The body must arrive within the header timeout (SPEC §6.2), and no handshake permit is
+    // held while it trickles in: slow publishers never keep new streams out.
+    let read = Limited::new(req.into_body(), max).collect();
+    let body = tokio::time::timeout(state.config.header_timeout, read)
         .await
+        .map_err(|_| ApiError::RequestTimeout)?
         .map_err(|e| {
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()
@@ -104,6 +107,10 @@ where
             }
         })?
         .to_bytes();
+    let _permit = state
+        .handshakes
+        .try_acquire()
+        .map_err(|_| ApiError::Capacity)?;
     let parsed: PublishRequest<'_> = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!(
             "body must be JSON {{\"channel\"|\"channels\", \"event\"?, \"data\"}}: {e}"
@@ -166,19 +173,25 @@ where
                 let mark = history
                     .append(c.clone(), payload.clone())
                     .await
-                    .map_err(|e| {
-                        ApiError::Unavailable(format!("durable publish failed: {e}; retry"))
-                    })?;
+                    .map_err(|e| ApiError::backend("the durable publish failed", e))?;
                 let cursor = Cursor {
                     marks: vec![(Arc::from(c.as_str()), mark)],
                 };
                 ids.insert(c.clone(), serde_json::Value::String(cursor.encode()));
             }
-            None => state
-                .broker
-                .publish(c.clone(), payload.clone())
-                .await
-                .map_err(|e| ApiError::Unavailable(format!("{e}; retry")))?,
+            None => {
+                state
+                    .broker
+                    .publish(c.clone(), payload.clone())
+                    .await
+                    .map_err(|e| ApiError::backend("the publish failed", e))?;
+                // History is off: no position exists. The stand-in (epoch `off`) is still one
+                // id per channel, as SPEC §3 promises, and resumes as an honest gap.
+                let cursor = Cursor {
+                    marks: vec![(Arc::from(c.as_str()), Mark::history_off())],
+                };
+                ids.insert(c.clone(), serde_json::Value::String(cursor.encode()));
+            }
         }
     }
     let body = serde_json::json!({ "ids": ids }).to_string();

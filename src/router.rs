@@ -9,7 +9,7 @@ use hyper::body::Body;
 
 use crate::body::GatewayBody;
 use crate::cors;
-use crate::diagnostics::{self, Filter};
+use crate::diagnostics::{self, Filter, Rejection};
 use crate::error::ApiError;
 use crate::metrics::Exporter;
 use crate::request::query_pairs;
@@ -41,19 +41,39 @@ where
         return ApiError::MethodNotAllowed(allowed).into_response();
     }
     let grant = cors::grant(cors_config, req.headers());
-    // Authentication and admission are where a flood costs CPU and Redis round trips: bound
-    // how many run at once. The permit is released when the handshake is answered.
-    let Ok(_permit) = state.handshakes.try_acquire() else {
-        metrics::counter!(crate::metrics::CONNECTIONS_REJECTED, "reason" => "capacity")
-            .increment(1);
-        return ApiError::Capacity.into_response();
-    };
     let mut response = match allowed {
-        "GET" => crate::sse::events(&state, req, connection).await,
+        "GET" => {
+            // Authentication and admission are where a flood costs CPU and Redis round trips:
+            // bound how many run at once. The permit is released when the handshake is
+            // answered. (`POST /publish` takes its permit only once its body is in.)
+            let Ok(_permit) = state.handshakes.try_acquire() else {
+                return refuse_capacity(&state, &connection);
+            };
+            crate::sse::events(&state, req, connection).await
+        }
         _ => crate::publish::publish(&state, req).await,
     };
     cors::apply(cors_config, grant, &mut response);
     response
+}
+
+/// 503 `capacity` for a handshake past `SSE_GATEWAY_MAX_PENDING_HANDSHAKES`, counted and
+/// listed like every other refusal.
+fn refuse_capacity(state: &AppState, connection: &ConnInfo) -> Response<GatewayBody> {
+    let e = ApiError::Capacity;
+    metrics::counter!(crate::metrics::CONNECTIONS_REJECTED, "reason" => e.code()).increment(1);
+    state.rejections.record(
+        &state.replica_id,
+        Rejection {
+            at: std::time::SystemTime::now(),
+            reason: e.code(),
+            status: e.status().as_u16(),
+            sub: None,
+            remote: connection.remote,
+            message: e.message(),
+        },
+    );
+    e.into_response()
 }
 
 /// Routes a request on the admin port.

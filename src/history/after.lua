@@ -3,13 +3,20 @@
 -- ARGV[1] the cursor's epoch ('*': any), ARGV[2] its position (ms-seq), ARGV[3] page size,
 -- ARGV[4] the epoch that means "no history yet"
 -- Returns { current epoch, gap (0/1), entries }.
+-- Exact comparison of decimal strings (Lua numbers are doubles: 64-bit ids lose precision).
+local function num_cmp(a, b)
+  a = string.gsub(a, '^0+(%d)', '%1')
+  b = string.gsub(b, '^0+(%d)', '%1')
+  if #a ~= #b then return #a < #b and -1 or 1 end
+  if a ~= b then return a < b and -1 or 1 end
+  return 0
+end
 local function cmp(a, b)
   local am, as = string.match(a, '^(%d+)-(%d+)$')
   local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  if am ~= bm then return am < bm and -1 or 1 end
-  if as ~= bs then return as < bs and -1 or 1 end
-  return 0
+  local c = num_cmp(am, bm)
+  if c ~= 0 then return c end
+  return num_cmp(as, bs)
 end
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
@@ -18,12 +25,16 @@ if not epoch then
   return { ARGV[4], gap, {} }
 end
 local max_deleted = redis.call('GET', KEYS[3]) or '0-0'
+local last = '0-0'
 if redis.call('EXISTS', KEYS[1]) == 1 then
   -- Entries an operator removed with XDEL count as lost too.
   local info = redis.call('XINFO', 'STREAM', KEYS[1])
   for i = 1, #info, 2 do
     if info[i] == 'max-deleted-entry-id' and cmp(info[i + 1], max_deleted) > 0 then
       max_deleted = info[i + 1]
+    end
+    if info[i] == 'last-generated-id' then
+      last = info[i + 1]
     end
   end
 end
@@ -33,7 +44,14 @@ if ARGV[1] == '*' then
   -- Any epoch: the caller only knows a time, not a cursor (filling after an outage).
   gap = 0
 elseif epoch == ARGV[1] then
-  if cmp(max_deleted, start) > 0 then gap = 1 end
+  if cmp(start, last) > 0 then
+    -- A position this history never reached (forged, or lost in a failover): an honest gap,
+    -- resuming from now.
+    start = last
+    gap = 1
+  elseif cmp(max_deleted, start) > 0 then
+    gap = 1
+  end
 elseif ARGV[1] == ARGV[4] then
   start = '0-0'
   if max_deleted ~= '0-0' then gap = 1 end

@@ -164,6 +164,9 @@ impl History for MemoryHistory {
             Some(c) => {
                 let (gap, start) = if from.epoch == ANY_EPOCH {
                     (false, from.pos)
+                } else if from.epoch == c.epoch && from.pos > c.last {
+                    // A position this history never reached: an honest gap, from now.
+                    (true, c.last)
                 } else if from.epoch == c.epoch {
                     (c.max_deleted > from.pos, from.pos)
                 } else if from.epoch == NO_EPOCH {

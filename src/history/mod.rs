@@ -51,6 +51,9 @@ impl std::fmt::Display for Position {
 /// The epoch of a channel that has no history yet.
 pub const NO_EPOCH: &str = "0";
 
+/// The epoch of the stand-in ids `POST /publish` answers while history is off.
+pub const HISTORY_OFF_EPOCH: &str = "off";
+
 /// Asks [`History::after`] for events after a position in whatever epoch is current (used to
 /// fill an outage by time, when no cursor is known). Never a valid epoch in a cursor.
 pub const ANY_EPOCH: &str = "*";
@@ -65,6 +68,15 @@ pub struct Mark {
 }
 
 impl Mark {
+    /// What `POST /publish` answers for a channel when history is off: a well-formed position
+    /// in an epoch no history ever has, so resuming from it is always a gap.
+    pub fn history_off() -> Self {
+        Self {
+            epoch: HISTORY_OFF_EPOCH.to_string(),
+            pos: Position::default(),
+        }
+    }
+
     /// The mark of a channel without history.
     pub fn empty() -> Self {
         Self {

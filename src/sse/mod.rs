@@ -144,7 +144,9 @@ async fn open<B>(
             LimitError::UserLimit { limit } => ApiError::UserLimit(format!(
                 "this user already holds {limit} streams (SSE_GATEWAY_MAX_CONNECTIONS_PER_USER); close one or retry later"
             )),
-            LimitError::Unavailable(why) => ApiError::Unavailable(format!("{why}; retry")),
+            LimitError::Unavailable(why) => {
+                ApiError::backend("the per-user limit could not be checked", why)
+            }
         })?;
     let info = StreamInfo {
         conn_id: conn.id,
@@ -171,7 +173,7 @@ async fn open<B>(
     .await
     {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(ApiError::Unavailable(format!("{e}; retry"))),
+        Ok(Err(e)) => return Err(ApiError::backend("the subscription failed", e)),
         Err(_) => {
             return Err(ApiError::Unavailable(
                 "the broker did not confirm the subscription in time; retry".into(),
@@ -211,7 +213,7 @@ async fn open<B>(
                 config.max_event_bytes,
             )
             .await
-            .map_err(|e| ApiError::Unavailable(format!("history could not be read: {e}; retry")))?;
+            .map_err(|e| ApiError::backend("history could not be read", e))?;
             prelude.extend_from_slice(&r.first);
             Some((r.tracker, r.replayer))
         }
