@@ -81,12 +81,14 @@ pub enum LogFormat {
 /// Raw settings as given on the command line or in the environment.
 #[derive(Debug, Args)]
 pub struct Settings {
-    /// Client port: /events and /publish.
-    #[arg(long, env = "SSE_GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
-    pub listen: String,
-    /// Operator port: /metrics, /healthz, /readyz (never TLS).
-    #[arg(long, env = "SSE_GATEWAY_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
-    pub admin_listen: String,
+    /// Client port: /events and /publish [default: 0.0.0.0:8080; 127.0.0.1:8080 in development
+    /// mode, so a replica that lost its key is never reachable from outside by accident].
+    #[arg(long, env = "SSE_GATEWAY_LISTEN")]
+    pub listen: Option<String>,
+    /// Operator port: /metrics, /healthz, /readyz (never TLS) [default: 0.0.0.0:9090;
+    /// 127.0.0.1:9090 in development mode].
+    #[arg(long, env = "SSE_GATEWAY_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
     /// redis:// URL. Unset: single-replica mode with an in-process broker.
     #[arg(long, env = "SSE_GATEWAY_REDIS_URL")]
     pub redis_url: Option<String>,
@@ -179,6 +181,13 @@ pub struct Settings {
     /// Seconds between checks that the Redis subscription still delivers.
     #[arg(long, env = "SSE_GATEWAY_REDIS_PROBE_SECS", default_value_t = 5)]
     pub redis_probe_secs: u64,
+    /// Bearer token that `/connections`, `/channels` and `/rejections` require (they name users,
+    /// channels and client addresses); `/metrics`, `/healthz`, `/readyz` never need it.
+    #[arg(long, env = "SSE_GATEWAY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Set by Kubernetes in every pod: a replica there never starts in development mode.
+    #[arg(long, env = "KUBERNETES_SERVICE_HOST", hide = true)]
+    pub kubernetes_service_host: Option<String>,
     /// Log line format.
     #[arg(
         long,
@@ -211,6 +220,44 @@ impl std::fmt::Debug for JwtKey {
             JwtKey::PublicKeyPem(_) => f.write_str("JwtKey::PublicKeyPem(..)"),
             JwtKey::Development(_) => f.write_str("JwtKey::Development(..)"),
         }
+    }
+}
+
+/// The admin port's bearer token; never printed, compared in constant time.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// Whether an `Authorization` header value carries this token.
+    pub fn admits(&self, authorization: Option<&[u8]>) -> bool {
+        let Some(given) = authorization.and_then(|v| v.strip_prefix(b"Bearer ")) else {
+            return false;
+        };
+        let want = self.0.as_bytes();
+        // Constant time in the token's bytes: a length mismatch still walks the whole input.
+        let mut diff = u8::from(given.len() != want.len());
+        for (i, b) in given.iter().enumerate() {
+            diff |= b ^ want.get(i).copied().unwrap_or(0);
+        }
+        diff == 0
+    }
+
+    /// The value to send in `Authorization: Bearer …` (for `inspect`).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+impl AdminToken {
+    /// Reads the setting; an empty value is no token.
+    pub fn from_setting(value: Option<&str>) -> Option<Self> {
+        value.filter(|v| !v.is_empty()).map(|v| Self(v.to_string()))
     }
 }
 
@@ -276,6 +323,8 @@ pub struct Config {
     pub header_timeout: Duration,
     /// Longest time a stream's socket may take no bytes.
     pub write_timeout: Duration,
+    /// Token the admin port's listings require.
+    pub admin_token: Option<AdminToken>,
     /// Concurrent handshakes allowed.
     pub max_pending_handshakes: usize,
 }
@@ -321,17 +370,25 @@ fn positive(setting: &'static str, value: u64) -> Result<u64, ConfigError> {
     }
 }
 
+/// A duration setting in whole seconds, within `min..=max` (huge values would overflow the
+/// clock arithmetic of timers and leases).
+fn secs(setting: &'static str, value: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(Duration::from_secs(value))
+    } else {
+        Err(bad(
+            setting,
+            format!("{value} is out of range: use {min} to {max} seconds"),
+        ))
+    }
+}
+
+const HOUR: u64 = 3600;
+const DAY: u64 = 24 * HOUR;
+
 impl Settings {
     /// Judges every value and builds the typed configuration.
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let listen = parse_addr("SSE_GATEWAY_LISTEN", &self.listen)?;
-        let admin_listen = parse_addr("SSE_GATEWAY_ADMIN_LISTEN", &self.admin_listen)?;
-        if listen == admin_listen && listen.port() != 0 {
-            return Err(bad(
-                "SSE_GATEWAY_ADMIN_LISTEN",
-                format!("{admin_listen} is also the client address; give the admin port its own"),
-            ));
-        }
         let redis_url = match self.redis_url.filter(|u| !u.trim().is_empty()) {
             None => None,
             Some(url) => Some(validate_redis_url(url)?),
@@ -384,20 +441,73 @@ impl Settings {
                          set SSE_GATEWAY_JWT_SECRET or SSE_GATEWAY_JWT_PUBLIC_KEY_FILE",
                     ));
                 }
+                if self.kubernetes_service_host.is_some() {
+                    return Err(bad(
+                        "SSE_GATEWAY_JWT_SECRET",
+                        "no token key is set and this runs in Kubernetes (KUBERNETES_SERVICE_HOST); \
+                         development mode is refused there: check the Secret that should set \
+                         SSE_GATEWAY_JWT_SECRET or SSE_GATEWAY_JWT_PUBLIC_KEY_FILE",
+                    ));
+                }
                 JwtKey::Development(random_secret())
             }
         };
-        let heartbeat = positive("SSE_GATEWAY_HEARTBEAT_SECS", self.heartbeat_secs)?;
+        // Development mode listens on loopback unless told otherwise.
+        let host = if matches!(jwt_key, JwtKey::Development(_)) {
+            "127.0.0.1"
+        } else {
+            "0.0.0.0"
+        };
+        let listen = parse_addr(
+            "SSE_GATEWAY_LISTEN",
+            self.listen.as_deref().unwrap_or(&format!("{host}:8080")),
+        )?;
+        let admin_listen = parse_addr(
+            "SSE_GATEWAY_ADMIN_LISTEN",
+            self.admin_listen
+                .as_deref()
+                .unwrap_or(&format!("{host}:9090")),
+        )?;
+        if listen == admin_listen && listen.port() != 0 {
+            return Err(bad(
+                "SSE_GATEWAY_ADMIN_LISTEN",
+                format!("{admin_listen} is also the client address; give the admin port its own"),
+            ));
+        }
+        let heartbeat = secs("SSE_GATEWAY_HEARTBEAT_SECS", self.heartbeat_secs, 1, HOUR)?;
         let max_connections = positive("SSE_GATEWAY_MAX_CONNECTIONS", self.max_connections)?;
         let per_user = positive(
             "SSE_GATEWAY_MAX_CONNECTIONS_PER_USER",
             u64::from(self.max_connections_per_user),
         )?;
-        let lease = positive(
+        let lease = secs(
             "SSE_GATEWAY_CONNECTION_LEASE_SECS",
             self.connection_lease_secs,
+            1,
+            HOUR,
         )?;
-        let probe = positive("SSE_GATEWAY_REDIS_PROBE_SECS", self.redis_probe_secs)?;
+        let probe = secs(
+            "SSE_GATEWAY_REDIS_PROBE_SECS",
+            self.redis_probe_secs,
+            1,
+            HOUR,
+        )?;
+        if self.retry_ms > DAY * 1000 {
+            return Err(bad(
+                "SSE_GATEWAY_RETRY_MS",
+                format!(
+                    "{} is out of range: use 0 to {} ms",
+                    self.retry_ms,
+                    DAY * 1000
+                ),
+            ));
+        }
+        if self.history_size > 100_000_000 {
+            return Err(bad(
+                "SSE_GATEWAY_HISTORY_SIZE",
+                "is out of range: use 0 to 100000000 events",
+            ));
+        }
         if self.max_event_bytes < 16 || self.max_event_bytes > 64 * 1024 * 1024 {
             return Err(bad(
                 "SSE_GATEWAY_MAX_EVENT_BYTES",
@@ -456,33 +566,50 @@ impl Settings {
             jwt_key,
             jwt_issuer: self.jwt_issuer.filter(|s| !s.is_empty()),
             jwt_audience: self.jwt_audience.filter(|s| !s.is_empty()),
-            jwt_leeway: Duration::from_secs(self.jwt_leeway_secs),
+            jwt_leeway: secs("SSE_GATEWAY_JWT_LEEWAY_SECS", self.jwt_leeway_secs, 0, DAY)?,
             max_connections_per_user: per_user as u32,
             max_connections,
-            heartbeat: Duration::from_secs(heartbeat),
+            heartbeat,
             retry_ms: self.retry_ms,
             history_size: self.history_size,
-            history_ttl: Duration::from_secs(positive(
+            history_ttl: secs(
                 "SSE_GATEWAY_HISTORY_TTL_SECS",
                 self.history_ttl_secs,
-            )?),
-            drain: Duration::from_secs(self.drain_secs),
-            connection_lease: Duration::from_secs(lease),
+                1,
+                365 * DAY,
+            )?,
+            drain: secs("SSE_GATEWAY_DRAIN_SECS", self.drain_secs, 0, HOUR)?,
+            connection_lease: lease,
             max_event_bytes: self.max_event_bytes,
             cors_origins,
             tls,
             client_queue: self.client_queue,
-            redis_probe: Duration::from_secs(probe),
-            token_expiry_warning: Duration::from_secs(self.token_expiry_warning_secs),
-            max_stream_age: Duration::from_secs(self.max_stream_secs),
-            header_timeout: Duration::from_secs(positive(
+            redis_probe: probe,
+            token_expiry_warning: secs(
+                "SSE_GATEWAY_TOKEN_EXPIRY_WARNING_SECS",
+                self.token_expiry_warning_secs,
+                0,
+                DAY,
+            )?,
+            max_stream_age: secs(
+                "SSE_GATEWAY_MAX_STREAM_SECS",
+                self.max_stream_secs,
+                0,
+                30 * DAY,
+            )?,
+            header_timeout: secs(
                 "SSE_GATEWAY_HEADER_TIMEOUT_SECS",
                 self.header_timeout_secs,
-            )?),
-            write_timeout: Duration::from_secs(positive(
+                1,
+                HOUR,
+            )?,
+            write_timeout: secs(
                 "SSE_GATEWAY_WRITE_TIMEOUT_SECS",
                 self.write_timeout_secs,
-            )?),
+                1,
+                HOUR,
+            )?,
+            admin_token: AdminToken::from_setting(self.admin_token.as_deref()),
             max_pending_handshakes: positive(
                 "SSE_GATEWAY_MAX_PENDING_HANDSHAKES",
                 self.max_pending_handshakes as u64,
@@ -528,6 +655,49 @@ mod tests {
         assert!(matches!(c.jwt_key, JwtKey::Development(_)));
         assert_eq!(c.listen.port(), 8080);
         assert_eq!(c.heartbeat, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn development_mode_listens_on_loopback_and_never_in_kubernetes() {
+        let dev = settings(&[]).into_config().expect("valid");
+        assert_eq!(dev.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(dev.admin_listen, "127.0.0.1:9090".parse().unwrap());
+        let keyed = settings(&["--jwt-secret", "0123456789abcdef0123"])
+            .into_config()
+            .expect("valid");
+        assert_eq!(keyed.listen, "0.0.0.0:8080".parse().unwrap());
+        let given = settings(&["--listen", "0.0.0.0:7000"])
+            .into_config()
+            .expect("valid");
+        assert_eq!(given.listen, "0.0.0.0:7000".parse().unwrap());
+        let e = settings(&["--kubernetes-service-host", "10.0.0.1"])
+            .into_config()
+            .unwrap_err();
+        assert_eq!(e.setting, "SSE_GATEWAY_JWT_SECRET");
+        assert!(e.message.contains("Kubernetes"));
+    }
+
+    #[test]
+    fn huge_timings_are_refused_not_overflowed() {
+        for flag in [
+            "--heartbeat-secs",
+            "--jwt-leeway-secs",
+            "--history-ttl-secs",
+            "--drain-secs",
+            "--connection-lease-secs",
+            "--token-expiry-warning-secs",
+            "--max-stream-secs",
+            "--header-timeout-secs",
+            "--write-timeout-secs",
+            "--redis-probe-secs",
+            "--retry-ms",
+            "--history-size",
+        ] {
+            let e = settings(&[flag, "18446744073709551615"])
+                .into_config()
+                .unwrap_err();
+            assert!(e.message.contains("out of range"), "{flag}: {e}");
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub fn instructions(config: &Config, client: SocketAddr) -> Result<String, Strin
         config,
         Claims {
             sub: Some("dev".into()),
-            channels: Some(vec![format!("{DEMO_CHANNEL}*")]),
+            channels: Some(vec![DEMO_CHANNEL.to_string()]),
             ..Claims::default()
         },
         ttl,
@@ -39,7 +39,8 @@ pub fn instructions(config: &Config, client: SocketAddr) -> Result<String, Strin
         config,
         Claims {
             sub: Some("dev-publisher".into()),
-            publish: Some(vec!["*".into()]),
+            // The demo channel only: a token printed to a terminal must not open everything.
+            publish: Some(vec![DEMO_CHANNEL.to_string()]),
             ..Claims::default()
         },
         ttl,
@@ -58,4 +59,39 @@ pub fn instructions(config: &Config, client: SocketAddr) -> Result<String, Strin
          curl -X POST -H 'Authorization: Bearer {publisher}' -H 'Content-Type: application/json' -d '{{\"channel\":\"{DEMO_CHANNEL}\",\"event\":\"greeting\",\"data\":\"hello\"}}' '{base}/publish'\n\
          \n"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use clap::Parser;
+
+    fn claims_of(token: &str) -> serde_json::Value {
+        let payload = token.split('.').nth(1).expect("a JWT");
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .expect("base64url");
+        serde_json::from_slice(&json).expect("claims")
+    }
+
+    #[test]
+    fn printed_tokens_cover_the_demo_channel_only() {
+        let config = crate::config::Cli::parse_from(["sse-gateway"])
+            .settings
+            .into_config()
+            .expect("development mode");
+        let text = instructions(&config, "127.0.0.1:8080".parse().unwrap()).unwrap();
+        let tokens: Vec<&str> = text
+            .split("Bearer ")
+            .skip(1)
+            .filter_map(|t| t.split('\'').next())
+            .collect();
+        assert_eq!(tokens.len(), 2);
+        assert_eq!(
+            claims_of(tokens[0])["channels"],
+            serde_json::json!(["demo"])
+        );
+        assert_eq!(claims_of(tokens[1])["publish"], serde_json::json!(["demo"]));
+    }
 }

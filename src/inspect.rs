@@ -21,6 +21,8 @@ pub struct Query {
     pub channel: Option<String>,
     /// Ask each replica for its connections too.
     pub details: bool,
+    /// `SSE_GATEWAY_ADMIN_TOKEN`, sent to the replicas' admin ports.
+    pub admin_token: Option<String>,
 }
 
 struct Replica {
@@ -38,10 +40,13 @@ fn secs(ms: i64) -> String {
 }
 
 /// GET on a replica's admin port; the body, or why not.
-async fn admin_get(addr: &str, path: &str) -> Result<String, String> {
+async fn admin_get(addr: &str, path: &str, token: Option<&str>) -> Result<String, String> {
     let work = async {
         let mut tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
         tcp.write_all(req.as_bytes())
             .await
             .map_err(|e| e.to_string())?;
@@ -147,7 +152,7 @@ pub async fn run(redis_url: &str, prefix: &str, q: &Query) -> Result<String, Str
             let reg = replicas.get(replica_id);
             let admin = reg.and_then(|r| r.admin.clone());
             let answering = match &admin {
-                Some(a) => admin_get(a, "/healthz").await.is_ok(),
+                Some(a) => admin_get(a, "/healthz", None).await.is_ok(),
                 None => false,
             };
             let state = match reg {
@@ -175,7 +180,13 @@ pub async fn run(redis_url: &str, prefix: &str, q: &Query) -> Result<String, Str
             }
             if q.details && answering {
                 if let Some(a) = &admin {
-                    match admin_get(a, &format!("/connections?user={}", encode_query(user))).await {
+                    match admin_get(
+                        a,
+                        &format!("/connections?user={}", encode_query(user)),
+                        q.admin_token.as_deref(),
+                    )
+                    .await
+                    {
                         Ok(body) => {
                             let v: serde_json::Value =
                                 serde_json::from_str(&body).unwrap_or_default();
@@ -215,6 +226,7 @@ pub async fn run(redis_url: &str, prefix: &str, q: &Query) -> Result<String, Str
             match admin_get(
                 admin,
                 &format!("/channels?channel={}", encode_query(channel)),
+                q.admin_token.as_deref(),
             )
             .await
             {

@@ -72,6 +72,7 @@ fn inspect(settings: &Settings, args: &InspectArgs) -> ExitCode {
         user: args.user.clone(),
         channel: args.channel.clone(),
         details: args.details,
+        admin_token: settings.admin_token.clone().filter(|t| !t.is_empty()),
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -89,6 +89,24 @@ pub fn admin<B>(
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         r
     };
+    let listing = matches!(
+        req.uri().path(),
+        "/connections" | "/channels" | "/rejections"
+    );
+    if listing {
+        if let Some(token) = &state.config.admin_token {
+            let auth = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .map(|v| v.as_bytes());
+            if !token.admits(auth) {
+                return ApiError::Unauthorized(
+                    "this listing names users, channels and addresses: send Authorization: Bearer <SSE_GATEWAY_ADMIN_TOKEN>".into(),
+                )
+                .into_response();
+            }
+        }
+    }
     match (req.uri().path(), req.method()) {
         ("/healthz", &Method::GET) => plain(StatusCode::OK, "ok\n".into(), "text/plain"),
         ("/readyz", &Method::GET) => {

@@ -159,3 +159,38 @@ async fn a_flood_of_refusals_is_logged_at_a_bounded_rate() {
     let rej = get_json(gw.admin, "/rejections").await;
     assert_eq!(rej["rejections"].as_array().unwrap().len(), 151);
 }
+
+#[tokio::test]
+async fn the_admin_token_guards_every_listing_but_not_the_probes() {
+    let gw = Gateway::start(&[("SSE_GATEWAY_ADMIN_TOKEN", "admin-s3cret-token")]);
+    for path in ["/connections", "/channels", "/rejections"] {
+        let none = http(gw.admin, "GET", path, &[], b"").await;
+        assert_eq!(none.status, 401, "{path} without the token");
+        let wrong = http(
+            gw.admin,
+            "GET",
+            path,
+            &[("Authorization", "Bearer admin-s3cret-tokeX")],
+            b"",
+        )
+        .await;
+        assert_eq!(wrong.status, 401, "{path} with a wrong token");
+        let right = http(
+            gw.admin,
+            "GET",
+            path,
+            &[("Authorization", "Bearer admin-s3cret-token")],
+            b"",
+        )
+        .await;
+        assert_eq!(right.status, 200, "{path} with the token");
+    }
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        assert_eq!(
+            http(gw.admin, "GET", path, &[], b"").await.status,
+            200,
+            "{path}"
+        );
+    }
+    assert!(!gw.logs.lock().unwrap().contains("admin-s3cret-token"));
+}
