@@ -3,8 +3,9 @@
 //!
 //! Invariants: the certificate and key are read from PEM files at start-up (a bad file stops
 //! start-up, naming the setting); afterwards they are re-read on SIGHUP and whenever either
-//! file's modification time changes (checked every 10 s), so a cert-manager rotation needs no
-//! restart. A reload that fails keeps the previous certificate and logs why.
+//! file's modification time changes (checked every 2 s), so a cert-manager rotation needs no
+//! restart. A reload that fails keeps the previous certificate, logs why, and is retried at
+//! every check until it succeeds (a rotation caught half-written heals by itself).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -72,16 +73,21 @@ impl Tls {
         tokio_rustls::TlsAcceptor::from(config)
     }
 
-    fn reload(&self, why: &str) {
+    /// Whether the files loaded.
+    fn reload(&self, why: &str) -> bool {
         match load(&self.cert, &self.key) {
             Ok(config) => {
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = config;
                 tracing::info!(why, cert = %self.cert.display(), "TLS certificate reloaded");
+                true
             }
-            Err(e) => tracing::warn!(
-                why,
-                "TLS certificate reload failed, keeping the previous one: {e} (check SSE_GATEWAY_TLS_CERT_FILE / SSE_GATEWAY_TLS_KEY_FILE)"
-            ),
+            Err(e) => {
+                tracing::warn!(
+                    why,
+                    "TLS certificate reload failed, keeping the previous one and retrying every 2 s: {e} (check SSE_GATEWAY_TLS_CERT_FILE / SSE_GATEWAY_TLS_KEY_FILE)"
+                );
+                false
+            }
         }
     }
 
@@ -92,7 +98,8 @@ impl Tls {
             let mut hup =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
             let mut seen = mtimes(&tls.cert, &tls.key);
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            let mut failing = false;
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
             loop {
                 tokio::select! {
                     _ = async {
@@ -101,14 +108,14 @@ impl Tls {
                             None => std::future::pending::<()>().await,
                         }
                     } => {
-                        tls.reload("SIGHUP");
                         seen = mtimes(&tls.cert, &tls.key);
+                        failing = !tls.reload("SIGHUP");
                     }
                     _ = tick.tick() => {
                         let now = mtimes(&tls.cert, &tls.key);
-                        if now != seen {
+                        if now != seen || failing {
                             seen = now;
-                            tls.reload("files changed");
+                            failing = !tls.reload(if failing { "retry" } else { "files changed" });
                         }
                     }
                 }

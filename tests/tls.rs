@@ -203,3 +203,43 @@ fn unusable_certificate_files_stop_start_up_naming_the_setting() {
     let (code, _) = r.err().expect("start-up refused");
     assert_eq!(code, Some(2));
 }
+
+#[tokio::test]
+async fn a_failed_certificate_reload_is_retried_until_it_succeeds() {
+    let (certs, _) = Certs::new();
+    let gw = Gateway::start(&[
+        ("SSE_GATEWAY_TLS_CERT_FILE", certs.cert.to_str().unwrap()),
+        ("SSE_GATEWAY_TLS_KEY_FILE", certs.key.to_str().unwrap()),
+    ]);
+    // A rotation caught half-way: the certificate file is garbage for a moment.
+    std::fs::write(&certs.cert, "-----BEGIN CERTIFICATE-----\ntruncated").unwrap();
+    let mtime = |p: &std::path::Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let stamps = [(&certs.cert, mtime(&certs.cert)), (&certs.key, mtime(&certs.key))];
+    gw.signal("HUP");
+    let deadline = Instant::now() + T;
+    while !gw.logs.lock().unwrap().contains("reload failed") {
+        assert!(Instant::now() < deadline, "the bad file was never read");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The good content lands without changing the modification time again.
+    let generated =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    std::fs::write(&certs.cert, generated.cert.pem()).unwrap();
+    std::fs::write(&certs.key, generated.signing_key.serialize_pem()).unwrap();
+    for (f, stamp) in stamps {
+        std::fs::File::options()
+            .write(true)
+            .open(f)
+            .unwrap()
+            .set_modified(stamp)
+            .unwrap();
+    }
+    let deadline = Instant::now() + T;
+    while !gw.logs.lock().unwrap().contains("TLS certificate reloaded") {
+        assert!(
+            Instant::now() < deadline,
+            "the failed reload was never retried"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
