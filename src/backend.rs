@@ -3,7 +3,7 @@
 //! `SSE_GATEWAY_REDIS_URL` picks the topology:
 //! - `redis://host:port` or `rediss://…`: one server (or a proxy in front of one);
 //! - `redis+sentinel://s1:26379,s2:26379/<master name>` (`rediss+sentinel://` for TLS to the
-//!   data nodes): the master Sentinel names, followed through failovers;
+//!   Sentinels and the data nodes): the master Sentinel names, followed through failovers;
 //! - `redis+cluster://n1:6379,n2:6379` (`rediss+cluster://`): a Redis Cluster, from seed nodes;
 //!   events travel over sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`).
 //!
@@ -77,10 +77,11 @@ impl Topology {
                             &"give at least one Sentinel host:port and the master name",
                         ));
                     }
-                    // Sentinels themselves are spoken to in plain text; the data nodes use the
-                    // scheme's TLS and the URL's credentials.
+                    // With `rediss+sentinel` the Sentinels are spoken to over TLS too (a Sentinel
+                    // answer names the master, so it must not be forgeable on the wire); the
+                    // data nodes use the scheme's TLS and the URL's credentials.
                     let sentinels: Vec<String> =
-                        hosts.split(',').map(|h| format!("redis://{h}")).collect();
+                        hosts.split(',').map(|h| format!("{base}://{h}")).collect();
                     let node = node_info(&format!("{base}://{auth}127.0.0.1"), tls)
                         .map_err(|e| bad(&e))?;
                     let client = redis::sentinel::SentinelClient::build(

@@ -33,7 +33,9 @@ impl TlsRedis {
             std::process::id()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert =
+            rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+                .unwrap();
         std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
         std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
         let path = |f: &str| dir.join(f).display().to_string();
@@ -123,4 +125,84 @@ async fn an_untrusted_redis_certificate_is_refused() {
     assert_eq!(gw.readyz().await, 503);
     let logs = gw.logs.lock().unwrap().clone();
     assert!(logs.contains("Redis pub/sub unavailable"), "{logs}");
+}
+
+/// A Sentinel that only speaks TLS, watching `master` (over TLS too) as `mymaster`.
+struct TlsSentinel {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for TlsSentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl TlsSentinel {
+    fn start(master: &TlsRedis) -> Self {
+        let port = free_port();
+        let path = |f: &str| master.dir.join(f).display().to_string();
+        let conf = master.dir.join(format!("sentinel-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "port 0\ntls-port {port}\nbind 127.0.0.1\ntls-cert-file {}\ntls-key-file {}\n\
+                 tls-ca-cert-file {}\ntls-auth-clients no\ntls-replication yes\n\
+                 sentinel monitor mymaster 127.0.0.1 {} 1\n",
+                path("cert.pem"),
+                path("key.pem"),
+                path("cert.pem"),
+                master.port
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel");
+        let s = TlsSentinel { child, port };
+        let deadline = Instant::now() + T;
+        loop {
+            let out = Command::new("redis-cli")
+                .args(["--tls", "--cacert", &path("cert.pem")])
+                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                .args(["SENTINEL", "get-master-addr-by-name", "mymaster"])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&out.stdout).contains(&master.port.to_string()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the TLS Sentinel did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        s
+    }
+}
+
+#[tokio::test]
+async fn sentinels_are_spoken_to_over_tls_with_rediss_sentinel() {
+    let redis = TlsRedis::start();
+    let sentinel = TlsSentinel::start(&redis);
+    let url = format!("rediss+sentinel://127.0.0.1:{}/mymaster", sentinel.port);
+    let ca = redis.dir.join("cert.pem").display().to_string();
+    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &url), ("SSL_CERT_FILE", &ca)]);
+    gw.wait_ready(true, T).await;
+    let tok = client_token("alice", &["sentinel-tls"]);
+    let mut c = SseClient::open(gw.client, "/events?channel=sentinel-tls", Some(&tok))
+        .await
+        .unwrap();
+    c.wait_id(T).await;
+    let r = gw
+        .publish(
+            &publisher_token(),
+            &json!({"channel": "sentinel-tls", "data": "through-tls-sentinel"}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(c.next_event(T).await.unwrap().data, "through-tls-sentinel");
 }
