@@ -77,5 +77,33 @@ fn fanout(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, frames, fanout);
+/// Reading a message off pub/sub: a plain payload, and a durable one whose HMAC is verified
+/// (SPEC §6.6), at 100 B, 1 KiB and 16 KiB: the cost of the signature on the receive path.
+fn receive(c: &mut Criterion) {
+    use sse_gateway::history::{decode_durable, encode_durable, DurableKey, Position};
+    let key = DurableKey::random();
+    let mut g = c.benchmark_group("receive");
+    for size in [100usize, 1024, 16 * 1024] {
+        let payload = vec![b'x'; size];
+        let signed = encode_durable(
+            &key,
+            "bench",
+            "18c0ffee00001",
+            Position { ms: 1, seq: 0 },
+            &payload,
+        );
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_with_input(BenchmarkId::new("plain", size), &payload, |b, p| {
+            b.iter(|| decode_durable(Some(&key), "bench", std::hint::black_box(p)))
+        });
+        g.bench_with_input(
+            BenchmarkId::new("durable-verified", size),
+            &signed,
+            |b, m| b.iter(|| decode_durable(Some(&key), "bench", std::hint::black_box(m))),
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, frames, fanout, receive);
 criterion_main!(benches);

@@ -33,9 +33,8 @@ impl TlsRedis {
             std::process::id()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let cert =
-            rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-                .unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
         std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
         std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
         let path = |f: &str| dir.join(f).display().to_string();

@@ -214,7 +214,10 @@ async fn a_failed_certificate_reload_is_retried_until_it_succeeds() {
     // A rotation caught half-way: the certificate file is garbage for a moment.
     std::fs::write(&certs.cert, "-----BEGIN CERTIFICATE-----\ntruncated").unwrap();
     let mtime = |p: &std::path::Path| std::fs::metadata(p).unwrap().modified().unwrap();
-    let stamps = [(&certs.cert, mtime(&certs.cert)), (&certs.key, mtime(&certs.key))];
+    let stamps = [
+        (&certs.cert, mtime(&certs.cert)),
+        (&certs.key, mtime(&certs.key)),
+    ];
     gw.signal("HUP");
     let deadline = Instant::now() + T;
     while !gw.logs.lock().unwrap().contains("reload failed") {

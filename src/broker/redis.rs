@@ -25,8 +25,9 @@ use tokio::time::timeout;
 
 use super::{dispatch, dispatch_durable, Broker, BrokerError};
 use crate::backend::{Commands as Pool, Topology, COMMAND_TIMEOUT};
-use crate::history::redis::RedisHistory;
-use crate::history::{decode_durable, History, Mark, Position, ANY_EPOCH, PAGE};
+use crate::history::redis::{Library, RedisHistory, LIBRARY_VERSION};
+use crate::history::Incoming::{Durable, Forged, Plain};
+use crate::history::{decode_durable, DurableKey, History, Mark, Position, ANY_EPOCH, PAGE};
 use crate::hub::Hub;
 use crate::metrics as m;
 
@@ -36,6 +37,8 @@ const BATCH: usize = 1000;
 const UNSUBSCRIBE_GRACE: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Shortest time between two looks at the library after messages that did not verify.
+const LIBRARY_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 enum Request {
     Subscribe(Vec<String>, oneshot::Sender<Result<(), BrokerError>>),
@@ -62,6 +65,8 @@ struct Manager {
     publish_command: &'static str,
     max_event_bytes: usize,
     history: Option<RedisHistory>,
+    /// The durable-publish library, whose key verifies durable events.
+    library: Library,
     /// Last durable event seen live per channel: where to fill from after an outage.
     last_seen: Arc<Mutex<HashMap<String, Mark>>>,
     /// When a message last arrived (unix ms): where to fill from for channels with no mark.
@@ -96,6 +101,7 @@ impl RedisBroker {
             probe_every: config.redis_probe,
             max_event_bytes: config.max_event_bytes,
             history,
+            library: Library::new(pool.clone(), config),
             last_seen: Arc::new(Mutex::new(HashMap::new())),
             last_contact_ms: Arc::new(AtomicU64::new(0)),
             ready: ready.clone(),
@@ -222,12 +228,28 @@ impl Manager {
                 (Sink::Classic(sink), Source::Classic(stream))
             }
         };
-        if let Some(history) = &self.history {
-            history
-                .load_function()
+        // The key that verifies durable events: the library's, loaded first if this replica
+        // writes history; read only (if any) if it does not.
+        let key = if self.history.is_some() {
+            Some(
+                self.library
+                    .ensure()
+                    .await
+                    .map_err(|e| format!("cannot load the durable-publish function: {e}"))?,
+            )
+        } else {
+            self.library
+                .installed()
                 .await
-                .map_err(|e| format!("cannot load the durable-publish function: {e}"))?;
-        }
+                .map_err(|e| format!("cannot read the durable-publish function: {e}"))?
+                .map(|(_, key)| key)
+        };
+        // Probes carry a nonce of this session, so that nothing published by others can
+        // answer (or switch off) the probe.
+        let nonce = format!("{:016x}", rand::random::<u64>());
+        let probe_sent_shared = Arc::new(AtomicU64::new(0));
+        // Messages that look durable but do not verify: the library may have changed under us.
+        let (suspect_tx, mut suspect_rx) = mpsc::channel::<()>(1);
         // One probe channel per master on a cluster, so a shard whose subscription went quiet
         // (a master that stopped answering and was replaced) is caught too.
         let probes = match &self.topology {
@@ -252,6 +274,10 @@ impl Manager {
                 hub: self.hub.clone(),
                 prefix: self.prefix.clone(),
                 probe_seen: probe_seen.clone(),
+                probe_nonce: nonce.clone(),
+                probe_sent: probe_sent_shared.clone(),
+                key: key.clone(),
+                suspect: suspect_tx,
                 max: self.max_event_bytes,
                 last_seen: self.last_seen.clone(),
                 last_contact: self.last_contact_ms.clone(),
@@ -328,6 +354,7 @@ impl Manager {
         let mut probe_tick = tokio::time::interval(self.probe_every);
         let mut probe_sent: u64 = 0;
         let mut probe_sent_at = Instant::now();
+        let mut checked_library_at: Option<Instant> = None;
         loop {
             tokio::select! {
                 req = self.requests.recv() => {
@@ -380,9 +407,10 @@ impl Manager {
                     }
                     if probe_sent == seen {
                         probe_sent += 1;
+                        probe_sent_shared.store(probe_sent, Ordering::Release);
                         probe_sent_at = Instant::now();
                         for channel in &probes {
-                            if self.probe(channel, probe_sent).await? == 0 {
+                            if self.probe(channel, &nonce, probe_sent).await? == 0 {
                                 return Err(format!(
                                     "Redis reports no subscriber on this replica's probe channel {channel:?}"
                                 ));
@@ -392,6 +420,25 @@ impl Manager {
                 }
                 _ = &mut reader_done => {
                     return Err("the pub/sub connection closed".into());
+                }
+                Some(()) = suspect_rx.recv() => {
+                    // At most one look every few seconds, whatever a forger publishes.
+                    if checked_library_at.is_some_and(|t| t.elapsed() < LIBRARY_CHECK_EVERY) {
+                        continue;
+                    }
+                    checked_library_at = Some(Instant::now());
+                    let installed = self.library.installed().await.map_err(|e| {
+                        format!("cannot read the durable-publish function: {e}")
+                    })?;
+                    let current = installed.as_ref().map(|(_, k)| k);
+                    let outdated = installed
+                        .as_ref()
+                        .is_some_and(|(v, _)| *v < LIBRARY_VERSION);
+                    if current != key.as_ref() || outdated {
+                        // Durable events signed with another key (Redis lost its library, an
+                        // older replica replaced it): load ours again and fill from history.
+                        return Err("the durable-publish library changed; resynchronising from history".into());
+                    }
                 }
                 Some(name) = lost_rx.recv() => {
                     let wanted = name
@@ -579,12 +626,12 @@ impl Manager {
         Ok(probes)
     }
 
-    async fn probe(&self, channel: &str, seq: u64) -> Result<i64, Outage> {
+    async fn probe(&self, channel: &str, nonce: &str, seq: u64) -> Result<i64, Outage> {
         let work = async {
             let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
             redis::cmd(self.publish_command)
                 .arg(channel)
-                .arg(seq)
+                .arg(format!("{nonce}:{seq}"))
                 .query_async::<i64>(&mut conn)
                 .await
                 .map_err(|e| e.to_string())
@@ -663,6 +710,13 @@ struct Incoming {
     prefix: String,
     /// Probe channels and the highest probe seen back on each.
     probe_seen: Arc<HashMap<String, AtomicU64>>,
+    /// This session's probe nonce, and the highest probe sent so far.
+    probe_nonce: String,
+    probe_sent: Arc<AtomicU64>,
+    /// Verifies durable events.
+    key: Option<DurableKey>,
+    /// Told (without waiting) when a marked message does not verify.
+    suspect: mpsc::Sender<()>,
     max: usize,
     last_seen: Arc<Mutex<HashMap<String, Mark>>>,
     last_contact: Arc<AtomicU64>,
@@ -672,12 +726,18 @@ impl Incoming {
     fn message(&self, name: &str, payload: &[u8]) {
         self.last_contact.store(unix_ms(), Ordering::Relaxed);
         if let Some(seen) = self.probe_seen.get(name) {
-            if let Ok(seq) = std::str::from_utf8(payload).unwrap_or("").parse::<u64>() {
+            let text = std::str::from_utf8(payload).unwrap_or("");
+            let seq = text
+                .strip_prefix(self.probe_nonce.as_str())
+                .and_then(|rest| rest.strip_prefix(':'))
+                .and_then(|seq| seq.parse::<u64>().ok());
+            // Never past what was sent: a replayed or invented number cannot end the probe.
+            if let Some(seq) = seq.filter(|s| *s <= self.probe_sent.load(Ordering::Acquire)) {
                 seen.fetch_max(seq, Ordering::AcqRel);
             }
         } else if let Some(channel) = name.strip_prefix(self.prefix.as_str()) {
-            match decode_durable(payload) {
-                Some((epoch, pos, body)) => {
+            match decode_durable(self.key.as_ref(), channel, payload) {
+                Durable(epoch, pos, body) => {
                     let mark = Mark {
                         epoch: epoch.to_string(),
                         pos,
@@ -685,7 +745,12 @@ impl Incoming {
                     dispatch_durable(&self.hub, channel, &mark, body, self.max);
                     lock(&self.last_seen).insert(channel.to_string(), mark);
                 }
-                None => dispatch(&self.hub, channel, payload, self.max),
+                Plain(payload) => dispatch(&self.hub, channel, payload, self.max),
+                Forged => {
+                    metrics::counter!(m::EVENTS_DROPPED, "reason" => "forged").increment(1);
+                    tracing::debug!(channel, "a message marked durable did not verify: dropped");
+                    let _ = self.suspect.try_send(());
+                }
             }
         }
     }

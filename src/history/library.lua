@@ -1,19 +1,50 @@
 #!lua name=__LIBRARY__
--- Durable publishing for sse-gateway, loaded by every replica at start-up (FUNCTION LOAD
--- REPLACE) with its own settings filled in. One call stores the event in the channel's capped
--- stream and publishes it with its id, atomically.
---   FCALL __FUNCTION__ 1 {__PREFIX__<channel>} <payload>
+-- Durable publishing for sse-gateway. One call stores the event in the channel's capped stream
+-- and publishes it with its id, atomically:
+--   FCALL __FUNCTION__ 1 {__PREFIX__<channel>} <payload> [<maxlen> <ttl ms> <max bytes>]
 -- The key is the channel's pub/sub name in braces: on a Redis Cluster the history keys then sit
--- on the slot of the shard channel the event is published to.
--- returns { epoch, id }.
+-- on the slot of the shard channel the event is published to. Replicas pass their settings as
+-- arguments; a publisher with only redis-cli leaves them out and gets the defaults below (those
+-- of the replica that loaded this library). Returns { epoch, id }.
+--
+-- The published message is `\0D2\0<mac>\0<epoch>\0<id>\0<payload>`, where <mac> is the hex
+-- HMAC-SHA1, under the key below, of `<channel>\0<epoch>\0<id>\0<payload>`. Replicas move a
+-- stream's position only for a message whose MAC verifies, so a raw PUBLISH (which cannot know
+-- the key) can never forge, suppress or reorder a durable event.
+--
+-- __INFO__ answers { version, key }: replicas adopt the key of the library in place, and never
+-- replace a library whose version is newer than theirs.
+local VERSION = __VERSION__
+local KEY_HEX = '__KEY_HEX__'
 local PREFIX = '__PREFIX__'
-local MAXLEN = __MAXLEN__
-local TTL_MS = __TTL_MS__
-local MAX_BYTES = __MAX_BYTES__
+local DEFAULT_MAXLEN = __MAXLEN__
+local DEFAULT_TTL_MS = __TTL_MS__
+local DEFAULT_MAX_BYTES = __MAX_BYTES__
 
-local function check(payload)
-  if #payload > MAX_BYTES then
-    return 'payload is ' .. #payload .. ' bytes; SSE_GATEWAY_MAX_EVENT_BYTES allows ' .. MAX_BYTES
+local function bytes_of_hex(h)
+  return (string.gsub(h, '..', function(c) return string.char(tonumber(c, 16)) end))
+end
+
+-- The padded keys, worked out at the first call (the standard libraries are not available
+-- while a library loads).
+local IPAD, OPAD
+local function pads()
+  local key = bytes_of_hex(KEY_HEX)
+  key = key .. string.rep('\0', 64 - #key)
+  local function xor(k, x)
+    return (string.gsub(k, '.', function(c) return string.char(bit.bxor(string.byte(c), x)) end))
+  end
+  return xor(key, 0x36), xor(key, 0x5c)
+end
+
+local function mac(message)
+  if not IPAD then IPAD, OPAD = pads() end
+  return redis.sha1hex(OPAD .. bytes_of_hex(redis.sha1hex(IPAD .. message)))
+end
+
+local function check(payload, max_bytes)
+  if #payload > max_bytes then
+    return 'payload is ' .. #payload .. ' bytes; SSE_GATEWAY_MAX_EVENT_BYTES allows ' .. max_bytes
   end
   if string.sub(payload, 1, 1) == '\0' then
     return 'payloads starting with a NUL byte are reserved for the gateway'
@@ -28,6 +59,15 @@ local function check(payload)
     end
   end
   return nil
+end
+
+local function setting(value, default, name)
+  if value == nil then return default end
+  local n = tonumber(value)
+  if n == nil or n < 0 or n ~= math.floor(n) then
+    error('ERR ' .. name .. ' must be a whole number, got ' .. tostring(value))
+  end
+  return n
 end
 
 local function publish(keys, args)
@@ -46,7 +86,13 @@ local function publish(keys, args)
   if payload == nil then
     return redis.error_reply('ERR give the payload after the key')
   end
-  local problem = check(payload)
+  local maxlen = setting(args[2], DEFAULT_MAXLEN, 'maxlen')
+  local ttl_ms = setting(args[3], DEFAULT_TTL_MS, 'ttl ms')
+  local max_bytes = setting(args[4], DEFAULT_MAX_BYTES, 'max bytes')
+  if maxlen < 1 or ttl_ms < 1 then
+    return redis.error_reply('ERR maxlen and ttl ms must be at least 1')
+  end
+  local problem = check(payload, max_bytes)
   if problem then
     return redis.error_reply('ERR ' .. problem)
   end
@@ -62,16 +108,22 @@ local function publish(keys, args)
   -- knows it missed events (XINFO's max-deleted-entry-id does not count trimming).
   local trimmed_key = tag .. ':trimmed'
   local length = redis.call('XLEN', history)
-  if length >= MAXLEN then
-    local going = redis.call('XRANGE', history, '-', '+', 'COUNT', length - MAXLEN + 1)
+  if length >= maxlen then
+    local going = redis.call('XRANGE', history, '-', '+', 'COUNT', length - maxlen + 1)
     redis.call('SET', trimmed_key, going[#going][1])
   end
-  local id = redis.call('XADD', history, 'MAXLEN', MAXLEN, '*', 'p', payload)
-  redis.call('PEXPIRE', history, TTL_MS)
-  redis.call('PEXPIRE', epoch_key, TTL_MS)
-  if redis.call('EXISTS', trimmed_key) == 1 then redis.call('PEXPIRE', trimmed_key, TTL_MS) end
-  redis.call('__PUBLISH__', PREFIX .. channel, '\0D1\0' .. epoch .. '\0' .. id .. '\0' .. payload)
+  local id = redis.call('XADD', history, 'MAXLEN', maxlen, '*', 'p', payload)
+  redis.call('PEXPIRE', history, ttl_ms)
+  redis.call('PEXPIRE', epoch_key, ttl_ms)
+  if redis.call('EXISTS', trimmed_key) == 1 then redis.call('PEXPIRE', trimmed_key, ttl_ms) end
+  local signed = channel .. '\0' .. epoch .. '\0' .. id .. '\0' .. payload
+  redis.call('__PUBLISH__', PREFIX .. channel, '\0D2\0' .. mac(signed) .. '\0' .. epoch .. '\0' .. id .. '\0' .. payload)
   return { epoch, id }
 end
 
+local function info(keys, args)
+  return { VERSION, KEY_HEX }
+end
+
 redis.register_function('__FUNCTION__', publish)
+redis.register_function{function_name = '__INFO__', callback = info, flags = {'no-writes'}}

@@ -7,8 +7,9 @@
 //!   Redis restarted empty); a cursor from another epoch is a gap, never a silent skip.
 //! - Cursors are opaque to clients: one position per channel of the stream, each tagged with a
 //!   hash of its channel name, so a cursor from another channel set cannot be misread.
-//! - Durable events travel over pub/sub behind a marker that starts with a NUL byte; raw
-//!   payloads that start with NUL are reserved for the gateway.
+//! - Durable events travel over pub/sub behind a marker that starts with a NUL byte and carries
+//!   an HMAC under a key only the history function knows; raw payloads that start with NUL are
+//!   reserved for the gateway, and a marked message that does not verify is dropped.
 
 pub mod memory;
 pub mod redis;
@@ -18,6 +19,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
+use hmac::{Hmac, Mac};
+use sha1::Sha1;
 
 /// A position in one channel's history (a Redis stream id: milliseconds and sequence).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -140,29 +143,143 @@ pub trait History: Send + Sync + 'static {
 /// Events per page when replaying.
 pub const PAGE: usize = 200;
 
-const MARKER: &[u8] = b"\0D1\0";
+const MARKER: &[u8] = b"\0D2\0";
 
-/// A durable event as it travels over pub/sub: marker, epoch, position, payload.
-pub fn encode_durable(epoch: &str, pos: Position, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(MARKER.len() + epoch.len() + 48 + payload.len());
+/// The key that signs durable events on pub/sub (SPEC §6.6): only the history function (which
+/// embeds it) can make a message that moves a stream's position; a raw `PUBLISH`, which cannot
+/// know it, is at most a fire-and-forget event.
+#[derive(Clone)]
+pub struct DurableKey {
+    hex: String,
+    /// HMAC-SHA1 with the key already absorbed; cloned for each message.
+    mac: Hmac<Sha1>,
+}
+
+impl std::fmt::Debug for DurableKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DurableKey(..)")
+    }
+}
+
+impl PartialEq for DurableKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hex == other.hex
+    }
+}
+
+fn hex_bytes(hex: &[u8]) -> Option<Vec<u8>> {
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    hex.chunks(2)
+        .map(|pair| {
+            let text = std::str::from_utf8(pair).ok()?;
+            u8::from_str_radix(text, 16).ok()
+        })
+        .collect()
+}
+
+impl DurableKey {
+    /// A fresh random key.
+    pub fn random() -> Self {
+        let bytes: [u8; 32] = rand::random();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Self::from_hex(&hex).unwrap_or_else(|| unreachable!("64 hex digits make a key"))
+    }
+
+    /// The key as the library embeds it (hex, 64 bytes at most).
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        let bytes = hex_bytes(hex.as_bytes())?;
+        if bytes.is_empty() || bytes.len() > 64 {
+            return None;
+        }
+        let mac = Hmac::<Sha1>::new_from_slice(&bytes).ok()?;
+        Some(Self {
+            hex: hex.to_ascii_lowercase(),
+            mac,
+        })
+    }
+
+    /// The hex form, for the library's source.
+    pub fn hex(&self) -> &str {
+        &self.hex
+    }
+
+    fn mac_of(&self, channel: &str, epoch: &[u8], id: &[u8], payload: &[u8]) -> Hmac<Sha1> {
+        let mut mac = self.mac.clone();
+        for part in [channel.as_bytes(), b"\0", epoch, b"\0", id, b"\0", payload] {
+            mac.update(part);
+        }
+        mac
+    }
+}
+
+/// A durable event as it travels over pub/sub: marker, MAC, epoch, position, payload (what the
+/// history function publishes; used by tests and tools).
+pub fn encode_durable(
+    key: &DurableKey,
+    channel: &str,
+    epoch: &str,
+    pos: Position,
+    payload: &[u8],
+) -> Vec<u8> {
+    let id = pos.to_string();
+    let tag = key
+        .mac_of(channel, epoch.as_bytes(), id.as_bytes(), payload)
+        .finalize()
+        .into_bytes();
+    let mut out = Vec::with_capacity(MARKER.len() + 41 + epoch.len() + 48 + payload.len());
     out.extend_from_slice(MARKER);
+    for b in tag {
+        out.extend_from_slice(format!("{b:02x}").as_bytes());
+    }
+    out.push(0);
     out.extend_from_slice(epoch.as_bytes());
     out.push(0);
-    out.extend_from_slice(pos.to_string().as_bytes());
+    out.extend_from_slice(id.as_bytes());
     out.push(0);
     out.extend_from_slice(payload);
     out
 }
 
-/// Splits a pub/sub message into (epoch, position, payload) when it is a durable event.
-pub fn decode_durable(message: &[u8]) -> Option<(&str, Position, &[u8])> {
-    let rest = message.strip_prefix(MARKER)?;
-    let e = rest.iter().position(|&b| b == 0)?;
-    let epoch = std::str::from_utf8(&rest[..e]).ok()?;
-    let rest = &rest[e + 1..];
-    let p = rest.iter().position(|&b| b == 0)?;
-    let pos = Position::parse(std::str::from_utf8(&rest[..p]).ok()?)?;
-    Some((epoch, pos, &rest[p + 1..]))
+/// What a pub/sub message on a channel is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming<'a> {
+    /// A publisher's fire-and-forget payload.
+    Plain(&'a [u8]),
+    /// A durable event signed with the key: (epoch, position, payload).
+    Durable(&'a str, Position, &'a [u8]),
+    /// Starts like a durable event but does not verify (forged, or signed with another key).
+    Forged,
+}
+
+/// Reads a message on `channel`: durable only when its MAC verifies under `key`.
+pub fn decode_durable<'a>(
+    key: Option<&DurableKey>,
+    channel: &str,
+    message: &'a [u8],
+) -> Incoming<'a> {
+    if message.first() != Some(&0) {
+        return Incoming::Plain(message);
+    }
+    let verified = (|| {
+        let rest = message.strip_prefix(MARKER)?;
+        let key = key?;
+        let mut parts = rest.splitn(4, |&b| b == 0);
+        let (tag, epoch, id, payload) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let tag = hex_bytes(tag)?;
+        key.mac_of(channel, epoch, id, payload)
+            .verify_slice(&tag)
+            .ok()?;
+        let epoch = std::str::from_utf8(epoch).ok()?;
+        let pos = Position::parse(std::str::from_utf8(id).ok()?)?;
+        Some((epoch, pos, payload))
+    })();
+    match verified {
+        Some((epoch, pos, payload)) => Incoming::Durable(epoch, pos, payload),
+        None => Incoming::Forged,
+    }
 }
 
 /// FNV-1a of a channel name: the tag that ties a cursor position to its channel.
@@ -257,15 +374,34 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn durable_messages_round_trip() {
+    fn durable_messages_verify_only_under_their_key_and_channel() {
+        let key = DurableKey::random();
         let pos = Position { ms: 17, seq: 3 };
-        let m = encode_durable("ab12", pos, b"{\"data\":1}");
+        let m = encode_durable(&key, "orders", "ab12", pos, b"{\"data\":1}");
         assert_eq!(
-            decode_durable(&m),
-            Some(("ab12", pos, &b"{\"data\":1}"[..]))
+            decode_durable(Some(&key), "orders", &m),
+            Incoming::Durable("ab12", pos, &b"{\"data\":1}"[..])
         );
-        assert_eq!(decode_durable(b"plain"), None);
-        assert_eq!(decode_durable(b"\0D1\0x"), None);
+        assert_eq!(
+            decode_durable(Some(&key), "orders", b"plain"),
+            Incoming::Plain(b"plain")
+        );
+        // Another key, another channel, a changed payload or the old unsigned marker: forged.
+        let other = DurableKey::random();
+        assert_eq!(decode_durable(Some(&other), "orders", &m), Incoming::Forged);
+        assert_eq!(decode_durable(Some(&key), "prices", &m), Incoming::Forged);
+        let mut changed = m.clone();
+        *changed.last_mut().unwrap() = b'2';
+        assert_eq!(
+            decode_durable(Some(&key), "orders", &changed),
+            Incoming::Forged
+        );
+        let unsigned = b"\0D1\0ab12\x0018446744073709551615-0\0{\"data\":1}";
+        assert_eq!(
+            decode_durable(Some(&key), "orders", unsigned),
+            Incoming::Forged
+        );
+        assert_eq!(decode_durable(None, "orders", &m), Incoming::Forged);
     }
 
     #[test]

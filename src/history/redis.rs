@@ -6,9 +6,11 @@
 //! - `{<prefix><channel>}:epoch` — STRING, the history's generation, same expiry;
 //! - `{<prefix><channel>}:trimmed` — STRING, the newest position trimming removed.
 //!
-//! Invariants: writes go through one Redis Function (`library.lua`), which every replica loads
-//! with its settings, so `POST /publish` and a publisher holding only `redis-cli` store and
-//! publish the same way, in one atomic step. Reads are one script per channel (`after.lua`).
+//! Invariants: writes go through one Redis Function (`library.lua`), so `POST /publish` and a
+//! publisher holding only `redis-cli` store and publish the same way, in one atomic step.
+//! Replicas pass their settings with every call and never replace a newer library; the library
+//! embeds the key that signs durable events on pub/sub. Reads are one script per channel
+//! (`after.lua`).
 
 use std::sync::Arc;
 
@@ -17,9 +19,173 @@ use futures_util::future::{BoxFuture, FutureExt};
 use redis::{Script, Value};
 use tokio::time::timeout;
 
-use super::{History, HistoryError, Mark, Page, Position, Stored, NO_EPOCH};
+use super::{DurableKey, History, HistoryError, Mark, Page, Position, Stored, NO_EPOCH};
 use crate::backend::{Commands as Pool, COMMAND_TIMEOUT};
 use crate::config::Config;
+
+/// The version of `library.lua`. Replicas never replace a library whose version is higher, so
+/// an old replica restarting mid-rollout cannot take newer code away from newer replicas; each
+/// version accepts every older caller's arguments.
+pub const LIBRARY_VERSION: i64 = 2;
+
+/// Where the key is agreed when no library holds one yet (one slot, `{gateway}`).
+fn agreed_key_name(prefix: &str) -> String {
+    format!("{prefix}{{gateway}}:durable-key")
+}
+
+/// The durable-publish library in Redis: loading it without downgrading, and the key it signs
+/// durable events with.
+#[derive(Clone)]
+pub struct Library(Arc<LibraryInner>);
+
+struct LibraryInner {
+    pool: Pool,
+    prefix: String,
+    name: String,
+    function: String,
+    info: String,
+    defaults: (u64, u128, usize),
+}
+
+impl Library {
+    /// The library for the configured prefix; `config`'s history settings become the defaults
+    /// of publishers that call the function without them.
+    pub fn new(pool: Pool, config: &Config) -> Self {
+        let prefix = config.channel_prefix.clone();
+        let function = function_name(&prefix);
+        Self(Arc::new(LibraryInner {
+            pool,
+            name: format!("sse_gateway_{function}"),
+            info: format!("{function}_info"),
+            function,
+            prefix,
+            defaults: (
+                config.history_size.max(1),
+                config.history_ttl.as_millis(),
+                config.max_event_bytes,
+            ),
+        }))
+    }
+
+    fn source(&self, key: &DurableKey) -> String {
+        let l = &self.0;
+        let escaped = l.prefix.replace('\\', "\\\\").replace('\'', "\\'");
+        include_str!("library.lua")
+            .replace("__LIBRARY__", &l.name)
+            .replace("__FUNCTION__", &l.function)
+            .replace("__INFO__", &l.info)
+            .replace("__VERSION__", &LIBRARY_VERSION.to_string())
+            .replace("__KEY_HEX__", key.hex())
+            .replace("__PREFIX__", &escaped)
+            .replace("__MAXLEN__", &l.defaults.0.to_string())
+            .replace("__TTL_MS__", &l.defaults.1.to_string())
+            .replace("__MAX_BYTES__", &l.defaults.2.to_string())
+            .replace("__PUBLISH__", l.pool.topology().publish_command())
+    }
+
+    /// The version and key of the library in place: `None` when there is none, or only one
+    /// from before keys (it has no info function).
+    pub async fn installed(&self) -> Result<Option<(i64, DurableKey)>, HistoryError> {
+        let work = async {
+            let mut conn = self.0.pool.get().await.map_err(err)?;
+            let listed: Value = redis::cmd("FUNCTION")
+                .arg("LIST")
+                .arg("LIBRARYNAME")
+                .arg(&self.0.name)
+                .query_async(&mut conn)
+                .await
+                .map_err(err)?;
+            if !mentions(&listed, &self.0.info) {
+                return Ok(None);
+            }
+            let (version, hex): (i64, String) = redis::cmd("FCALL_RO")
+                .arg(&self.0.info)
+                .arg(0)
+                .query_async(&mut conn)
+                .await
+                .map_err(err)?;
+            let key = DurableKey::from_hex(&hex)
+                .ok_or_else(|| err("the installed library holds no usable key"))?;
+            Ok(Some((version, key)))
+        };
+        timeout(COMMAND_TIMEOUT, work)
+            .await
+            .map_err(|_| err("reading the installed library timed out"))?
+    }
+
+    /// Makes sure a library of this version or newer is in place; the key it signs with.
+    pub async fn ensure(&self) -> Result<DurableKey, HistoryError> {
+        match self.installed().await? {
+            Some((version, key)) if version >= LIBRARY_VERSION => return Ok(key),
+            // An older library with a key: keep the key, bring the code up to date.
+            Some((_, key)) => self.load(&key).await?,
+            None => {
+                let key = self.agreed_key().await?;
+                self.load(&key).await?;
+            }
+        }
+        // Read back what is in place: a replica loading at the same moment may have won.
+        self.installed()
+            .await?
+            .map(|(_, key)| key)
+            .ok_or_else(|| err("the durable-publish library is missing right after loading it"))
+    }
+
+    /// One key for every replica that finds no library: the first `SET NX` wins.
+    async fn agreed_key(&self) -> Result<DurableKey, HistoryError> {
+        let work = async {
+            let mut conn = self.0.pool.get().await.map_err(err)?;
+            let name = agreed_key_name(&self.0.prefix);
+            let _: Value = redis::cmd("SET")
+                .arg(&name)
+                .arg(DurableKey::random().hex())
+                .arg("NX")
+                .query_async(&mut conn)
+                .await
+                .map_err(err)?;
+            let hex: String = redis::cmd("GET")
+                .arg(&name)
+                .query_async(&mut conn)
+                .await
+                .map_err(err)?;
+            DurableKey::from_hex(&hex).ok_or_else(|| err(format!("{name} holds no usable key")))
+        };
+        timeout(COMMAND_TIMEOUT, work)
+            .await
+            .map_err(|_| err("agreeing on the durable-event key timed out"))?
+    }
+
+    async fn load(&self, key: &DurableKey) -> Result<(), HistoryError> {
+        let source = self.source(key);
+        let work = async {
+            let mut conn = self.0.pool.get().await.map_err(err)?;
+            redis::cmd("FUNCTION")
+                .arg("LOAD")
+                .arg("REPLACE")
+                .arg(&source)
+                .query_async::<String>(&mut conn)
+                .await
+                .map_err(err)
+        };
+        timeout(COMMAND_TIMEOUT, work)
+            .await
+            .map_err(|_| err("FUNCTION LOAD timed out"))?
+            .map(|_| ())
+    }
+}
+
+/// Whether a `FUNCTION LIST` reply names `function`.
+fn mentions(v: &Value, function: &str) -> bool {
+    match v {
+        Value::BulkString(b) => b == function.as_bytes(),
+        Value::SimpleString(s) => s == function,
+        Value::Array(items) | Value::Set(items) => items.iter().any(|i| mentions(i, function)),
+        Value::Map(pairs) => pairs
+            .iter()
+            .any(|(k, v)| mentions(k, function) || mentions(v, function)),
+        _ => false,
+    }
+}
 
 /// Redis-backed history (cheap to clone: one shared state).
 #[derive(Clone)]
@@ -28,8 +194,11 @@ pub struct RedisHistory(Arc<Inner>);
 struct Inner {
     pool: Pool,
     prefix: String,
-    function: String,
-    library: String,
+    library: Library,
+    /// This replica's settings, passed with every call (SPEC §6.6).
+    maxlen: String,
+    ttl_ms: String,
+    max_bytes: String,
     after: Script,
 }
 
@@ -58,60 +227,30 @@ fn text(v: &Value) -> Option<String> {
 impl RedisHistory {
     /// History with the configured size, expiry and prefix.
     pub fn new(pool: Pool, config: &Config) -> Self {
-        Self(Arc::new(Inner::new(pool, config)))
+        Self(Arc::new(Inner {
+            library: Library::new(pool.clone(), config),
+            pool,
+            prefix: config.channel_prefix.clone(),
+            maxlen: config.history_size.to_string(),
+            ttl_ms: config.history_ttl.as_millis().to_string(),
+            max_bytes: config.max_event_bytes.to_string(),
+            after: Script::new(include_str!("after.lua")),
+        }))
     }
 
-    /// Loads (or replaces) the durable-publish function; every replica does it on each connect,
-    /// so a Redis that restarted empty has it again at once.
-    pub async fn load_function(&self) -> Result<(), HistoryError> {
-        self.0.load_function().await
+    /// The durable-publish library (loaded on each connect, so a Redis that restarted empty
+    /// has it again at once).
+    pub fn library(&self) -> &Library {
+        &self.0.library
     }
 
     /// The function publishers call: `FCALL <name> 1 {<prefix><channel>} <payload>`.
     pub fn function(&self) -> &str {
-        &self.0.function
+        &self.0.library.0.function
     }
 }
 
 impl Inner {
-    fn new(pool: Pool, config: &Config) -> Self {
-        let prefix = config.channel_prefix.clone();
-        let function = function_name(&prefix);
-        let escaped = prefix.replace('\\', "\\\\").replace('\'', "\\'");
-        let library = include_str!("library.lua")
-            .replace("__LIBRARY__", &format!("sse_gateway_{function}"))
-            .replace("__FUNCTION__", &function)
-            .replace("__PREFIX__", &escaped)
-            .replace("__MAXLEN__", &config.history_size.to_string())
-            .replace("__TTL_MS__", &config.history_ttl.as_millis().to_string())
-            .replace("__MAX_BYTES__", &config.max_event_bytes.to_string())
-            .replace("__PUBLISH__", pool.topology().publish_command());
-        Self {
-            pool,
-            prefix,
-            function,
-            library,
-            after: Script::new(include_str!("after.lua")),
-        }
-    }
-
-    async fn load_function(&self) -> Result<(), HistoryError> {
-        let work = async {
-            let mut conn = self.pool.get().await.map_err(err)?;
-            redis::cmd("FUNCTION")
-                .arg("LOAD")
-                .arg("REPLACE")
-                .arg(&self.library)
-                .query_async::<String>(&mut conn)
-                .await
-                .map_err(err)
-        };
-        timeout(COMMAND_TIMEOUT, work)
-            .await
-            .map_err(|_| err("FUNCTION LOAD timed out"))?
-            .map(|_| ())
-    }
-
     fn key(&self, channel: &str, what: &str) -> String {
         format!("{{{}{channel}}}:{what}", self.prefix)
     }
@@ -121,10 +260,13 @@ impl Inner {
         let mut loaded_again = false;
         loop {
             let reply: Result<Vec<String>, _> = redis::cmd("FCALL")
-                .arg(&self.function)
+                .arg(&self.library.0.function)
                 .arg(1)
                 .arg(format!("{{{}{channel}}}", self.prefix))
                 .arg(payload)
+                .arg(&self.maxlen)
+                .arg(&self.ttl_ms)
+                .arg(&self.max_bytes)
                 .query_async(&mut conn)
                 .await;
             match reply {
@@ -138,7 +280,7 @@ impl Inner {
                 Ok(_) => return Err(err("unexpected reply from the publish function")),
                 Err(e) if !loaded_again && e.to_string().contains("Function not found") => {
                     drop(conn);
-                    self.load_function().await?;
+                    self.library.ensure().await?;
                     conn = self.pool.get().await.map_err(err)?;
                     loaded_again = true;
                 }

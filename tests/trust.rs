@@ -1,0 +1,228 @@
+//! SPEC §6.6: only the gateway's own durable path moves a stream's position; nothing published
+//! on Redis switches off the probe; replicas of different settings or versions never fight
+//! over the history function.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::*;
+
+const T: Duration = Duration::from_secs(10);
+
+fn conn(redis: &Redis) -> redis::Connection {
+    redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap()
+}
+
+async fn publish(gw: &Gateway, channel: &str, data: &str) -> String {
+    let r = gw
+        .publish(
+            &publisher_token(),
+            &json!({"channel": channel, "data": data}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    r.json()["ids"][channel].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_raw_publish_of_the_durable_marker_cannot_suppress_durable_events() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &url)]);
+    gw.wait_ready(true, T).await;
+    let first = publish(&gw, "trust", "first").await;
+    let epoch = first.split('.').nth(1).unwrap().to_string();
+    let tok = client_token("alice", &["trust"]);
+    let auth = format!("Bearer {tok}");
+    let mut c = SseClient::open_with(
+        gw.client,
+        "/events?channel=trust",
+        &[("Authorization", &auth), ("Last-Event-ID", &first)],
+    )
+    .await
+    .unwrap();
+    let opened_at = c.wait_id(T).await;
+    // Anyone who can PUBLISH: the old unsigned marker with a position far in the future, and
+    // the new marker with a made-up MAC.
+    let huge = "18446744073709551615-0";
+    let forged_old = format!("\0D1\0{epoch}\0{huge}\0{{\"data\":\"forged-1\"}}");
+    let forged_new = format!(
+        "\0D2\0{}\0{epoch}\0{huge}\0{{\"data\":\"forged-2\"}}",
+        "0".repeat(40)
+    );
+    assert_eq!(redis.publish("sse:trust", forged_old.as_bytes()), 1);
+    assert_eq!(redis.publish("sse:trust", forged_new.as_bytes()), 1);
+    publish(&gw, "trust", "real").await;
+    let got = c.next_event(T).await.expect("the real event arrives");
+    assert_eq!(
+        got.data, "real",
+        "a forged marker suppressed or preceded it"
+    );
+    let forged = gw
+        .metric("sse_gateway_events_dropped_total{reason=\"forged\"}")
+        .await;
+    assert_eq!(forged, 2.0, "both forgeries dropped and counted");
+    // A resume from before still replays the real event, with nothing forged in between.
+    let mut again = SseClient::open_with(
+        gw.client,
+        "/events?channel=trust",
+        &[("Authorization", &auth), ("Last-Event-ID", &opened_at)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.next_event(T).await.unwrap().data, "real");
+    assert!(!again.text().contains("forged"));
+}
+
+#[tokio::test]
+async fn a_number_published_on_the_probe_channel_does_not_switch_the_probe_off() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let gw = Gateway::start(&[
+        ("SSE_GATEWAY_REDIS_URL", &url),
+        ("SSE_GATEWAY_REDIS_PROBE_SECS", "1"),
+        // Only the probe may notice the stall below, not the lease renewal.
+        ("SSE_GATEWAY_CONNECTION_LEASE_SECS", "3600"),
+    ]);
+    gw.wait_ready(true, T).await;
+    let channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .arg("sse:{gateway}:probe:*")
+        .query(&mut conn(&redis))
+        .unwrap();
+    assert_eq!(channels.len(), 1, "{channels:?}");
+    for forged in ["99999999999", "18446744073709551615"] {
+        redis.publish(&channels[0], forged.as_bytes());
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.signal("STOP");
+    let noticed = gw.wait_ready(false, Duration::from_secs(15)).await;
+    redis.signal("CONT");
+    assert!(
+        noticed <= Duration::from_secs(8),
+        "stall noticed after {noticed:?}"
+    );
+}
+
+#[tokio::test]
+async fn replicas_pass_their_own_history_settings() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let small = Gateway::start(&[
+        ("SSE_GATEWAY_REDIS_URL", &url),
+        ("SSE_GATEWAY_HISTORY_SIZE", "5"),
+    ]);
+    small.wait_ready(true, T).await;
+    // The second replica connects last: before, its settings were baked into the function.
+    let large = Gateway::start(&[
+        ("SSE_GATEWAY_REDIS_URL", &url),
+        ("SSE_GATEWAY_HISTORY_SIZE", "1000"),
+    ]);
+    large.wait_ready(true, T).await;
+    for i in 0..10 {
+        publish(&small, "sized", &format!("s{i}")).await;
+    }
+    let len: i64 = redis::cmd("XLEN")
+        .arg("{sse:sized}:history")
+        .query(&mut conn(&redis))
+        .unwrap();
+    assert_eq!(len, 5, "the publishing replica's HISTORY_SIZE applies");
+    for i in 0..10 {
+        publish(&large, "sized", &format!("l{i}")).await;
+    }
+    let len: i64 = redis::cmd("XLEN")
+        .arg("{sse:sized}:history")
+        .query(&mut conn(&redis))
+        .unwrap();
+    assert_eq!(len, 15);
+}
+
+#[tokio::test]
+async fn a_newer_library_is_never_replaced_by_an_older_replica() {
+    let redis = Redis::start();
+    let url = redis.url();
+    // A library from a later version (same calling convention, higher version number).
+    let newer = include_str!("../src/history/library.lua")
+        .replace("__LIBRARY__", "sse_gateway_sse_publish")
+        .replace("__FUNCTION__", "sse_publish")
+        .replace("__INFO__", "sse_publish_info")
+        .replace("__VERSION__", "99")
+        .replace("__KEY_HEX__", &"ab".repeat(32))
+        .replace("__PREFIX__", "sse:")
+        .replace("__MAXLEN__", "1000")
+        .replace("__TTL_MS__", "600000")
+        .replace("__MAX_BYTES__", "65536")
+        .replace("__PUBLISH__", "PUBLISH");
+    let _: String = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg(&newer)
+        .query(&mut conn(&redis))
+        .unwrap();
+    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &url)]);
+    gw.wait_ready(true, T).await;
+    let (version, key): (i64, String) = redis::cmd("FCALL_RO")
+        .arg("sse_publish_info")
+        .arg(0)
+        .query(&mut conn(&redis))
+        .expect("the newer library is still in place");
+    assert_eq!(version, 99);
+    assert_eq!(key, "ab".repeat(32));
+    // And the replica works with it: its events verify under the newer library's key.
+    let tok = client_token("alice", &["newer"]);
+    let mut c = SseClient::open(gw.client, "/events?channel=newer", Some(&tok))
+        .await
+        .unwrap();
+    c.wait_id(T).await;
+    publish(&gw, "newer", "works").await;
+    assert_eq!(c.next_event(T).await.unwrap().data, "works");
+}
+
+#[tokio::test]
+async fn a_library_replaced_under_a_running_replica_is_resynchronised_without_loss() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &url)]);
+    gw.wait_ready(true, T).await;
+    let tok = client_token("alice", &["swap"]);
+    let mut c = SseClient::open(gw.client, "/events?channel=swap", Some(&tok))
+        .await
+        .unwrap();
+    c.wait_id(T).await;
+    publish(&gw, "swap", "before").await;
+    assert_eq!(c.next_event(T).await.unwrap().data, "before");
+    // Someone loads the library again with another key (as after a FUNCTION FLUSH and a new
+    // replica): events published now are signed with a key this replica does not hold yet.
+    let other = include_str!("../src/history/library.lua")
+        .replace("__LIBRARY__", "sse_gateway_sse_publish")
+        .replace("__FUNCTION__", "sse_publish")
+        .replace("__INFO__", "sse_publish_info")
+        .replace("__VERSION__", "2")
+        .replace("__KEY_HEX__", &"cd".repeat(32))
+        .replace("__PREFIX__", "sse:")
+        .replace("__MAXLEN__", "1000")
+        .replace("__TTL_MS__", "600000")
+        .replace("__MAX_BYTES__", "65536")
+        .replace("__PUBLISH__", "PUBLISH");
+    let _: String = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(&other)
+        .query(&mut conn(&redis))
+        .unwrap();
+    for i in 0..3 {
+        publish(&gw, "swap", &format!("after-{i}")).await;
+    }
+    // The replica notices, adopts the key and fills what it dropped from history.
+    for i in 0..3 {
+        let e = c
+            .next_event(Duration::from_secs(20))
+            .await
+            .expect("no loss");
+        assert_eq!(e.data, format!("after-{i}"));
+    }
+}
