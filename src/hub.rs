@@ -41,6 +41,10 @@ pub struct Durable {
     pub mark: crate::history::Mark,
     /// `id:` line and end of the event for a stream on this channel alone.
     pub single_id: Bytes,
+    /// The frame is a `gateway.gap` that moves the stream's cursor to `mark` (history was lost
+    /// and this is where it stands now), so the change of epoch is announced once, not again
+    /// with the next event.
+    pub reset: bool,
 }
 
 /// Why a stream ended; the `connections_closed_total` reason.

@@ -247,6 +247,31 @@ async fn redis_restarted_empty_is_a_gap() {
 }
 
 #[tokio::test]
+async fn an_open_stream_gets_one_gap_when_redis_returns_without_its_data() {
+    let mut redis = Redis::start();
+    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);
+    gw.wait_ready(true, T).await;
+    let mut c = open(&gw, &["once"], None).await;
+    publish(&gw, "once", "first").await;
+    assert_eq!(c.next_event(T).await.unwrap().data, "first");
+    redis.restart();
+    gw.wait_ready(true, T).await;
+    redis.wait_numsub("sse:once", 1, T);
+    publish(&gw, "once", "after").await;
+    publish(&gw, "once", "later").await;
+    let mut seen = Vec::new();
+    while let Some(e) = c.next_event(Duration::from_secs(2)).await {
+        seen.push(e.event.unwrap_or_default() + ":" + &e.data);
+        if e.data == "later" {
+            break;
+        }
+    }
+    let gaps = seen.iter().filter(|e| e.starts_with("gateway.gap")).count();
+    assert_eq!(gaps, 1, "{seen:?}");
+    assert_eq!(&seen[seen.len() - 2..], [":after", ":later"], "{seen:?}");
+}
+
+#[tokio::test]
 async fn redis_restarted_with_its_data_loses_nothing() {
     let mut redis = Redis::start_persistent();
     let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);

@@ -108,6 +108,7 @@ pub fn dispatch_durable(
                         channel: channel_arc,
                         mark: mark.clone(),
                         single_id: frame::id_line(&single.encode()),
+                        reset: false,
                     })),
                 },
             );
@@ -117,6 +118,25 @@ pub fn dispatch_durable(
             tracing::debug!(reason, "durable event dropped: {why}");
         }
     }
+}
+
+/// Tells every stream on `channel` that its history was lost (`gap`, a complete control frame)
+/// and now stands at `mark`: the stream writes the gap once and takes `mark` as its cursor, so
+/// the events of the new epoch that follow are not announced as a second gap.
+pub fn dispatch_gap(hub: &Hub, channel: &str, mark: &Mark, gap: Bytes) {
+    hub.deliver(
+        channel,
+        &Queued {
+            bytes: gap,
+            received: Instant::now(),
+            durable: Some(Arc::new(Durable {
+                channel: Arc::from(channel),
+                mark: mark.clone(),
+                single_id: Bytes::new(),
+                reset: true,
+            })),
+        },
+    );
 }
 
 /// The shared state a replica keeps outside itself: in memory, or in Redis.

@@ -23,7 +23,7 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 
-use super::{dispatch, dispatch_durable, Broker, BrokerError};
+use super::{dispatch, dispatch_durable, dispatch_gap, Broker, BrokerError};
 use crate::backend::{Commands as Pool, Topology, COMMAND_TIMEOUT};
 use crate::history::redis::{Library, RedisHistory, LIBRARY_VERSION};
 use crate::history::Incoming::{Durable, Forged, Plain};
@@ -537,7 +537,14 @@ impl Manager {
                     }
                 };
                 if first && page.gap {
-                    self.hub.deliver_control(channel, gap_frame());
+                    // The streams take the history's current epoch with the gap, so the events
+                    // of that epoch that follow are not a second gap.
+                    let now = Mark {
+                        epoch: page.epoch.clone(),
+                        pos: Position::default(),
+                    };
+                    dispatch_gap(&self.hub, channel, &now, gap_frame());
+                    lock(&self.last_seen).insert(channel.clone(), now);
                 }
                 first = false;
                 for e in &page.events {

@@ -61,6 +61,13 @@ impl Tracker {
         Fold::New { gap }
     }
 
+    /// Moves the cursor of `channel` to `mark` whatever it was (history was lost).
+    pub fn reset(&mut self, channel: &str, mark: &Mark) {
+        if let Some((_, current)) = self.cursor.marks.iter_mut().find(|(c, _)| &**c == channel) {
+            *current = mark.clone();
+        }
+    }
+
     /// The `id:` line (and end of event) for the cursor as it stands; `single` is the event's
     /// precomputed line, right when the stream has exactly one channel.
     pub fn id_line(&self, single: Option<&Bytes>) -> Bytes {

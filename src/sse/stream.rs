@@ -264,9 +264,16 @@ impl SseStream {
         let Some(tracker) = self.tracker.as_mut() else {
             // History is off for this stream: write the event without an id.
             buf.extend_from_slice(&q.bytes);
-            buf.extend_from_slice(b"\n");
+            if !durable.reset {
+                buf.extend_from_slice(b"\n");
+            }
             return 1;
         };
+        if durable.reset {
+            tracker.reset(&durable.channel, &durable.mark);
+            buf.extend_from_slice(&q.bytes);
+            return 1;
+        }
         match tracker.fold(&durable.channel, &durable.mark) {
             Fold::Duplicate => 0,
             Fold::New { gap } => {
