@@ -473,3 +473,98 @@ async fn the_outage_fill_comes_before_live_events_that_follow_it() {
         assert_eq!(ev.data, i.to_string(), "event {i} lost or out of order");
     }
 }
+
+fn peak_rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Reads `GET /events` with `Last-Event-ID` as raw chunks; the size of each of the first
+/// `chunks` chunks (one chunk per frame the gateway writes).
+async fn chunk_sizes(gw: &Gateway, last: &str, chunks: usize) -> Vec<usize> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let tok = client_token("alice", &["big"]);
+    let mut s = tokio::net::TcpStream::connect(gw.client).await.unwrap();
+    let req = format!(
+        "GET /events?channel=big HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {tok}\r\nLast-Event-ID: {last}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut r = tokio::io::BufReader::new(s);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).await.unwrap();
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut sizes = Vec::new();
+    while sizes.len() < chunks {
+        line.clear();
+        r.read_line(&mut line).await.unwrap();
+        let size = usize::from_str_radix(line.trim(), 16).unwrap();
+        let mut body = vec![0; size + 2];
+        r.read_exact(&mut body).await.unwrap();
+        sizes.push(size);
+    }
+    sizes
+}
+
+#[tokio::test]
+async fn a_resume_from_far_back_is_written_in_bounded_pages() {
+    let gw = Gateway::start(&[]);
+    let mut first = None;
+    let pad = "z".repeat(60 * 1024);
+    for i in 0..300 {
+        let r = gw
+            .publish(
+                &publisher_token(),
+                &json!({"channel": "big", "data": format!("{i} {pad}")}),
+            )
+            .await;
+        assert_eq!(r.status, 202);
+        first.get_or_insert_with(|| r.json()["ids"]["big"].as_str().unwrap().to_string());
+    }
+    let first = first.unwrap();
+    let sizes = tokio::time::timeout(T, chunk_sizes(&gw, &first, 20))
+        .await
+        .expect("20 frames of replay");
+    let largest = sizes.iter().max().copied().unwrap_or(0);
+    assert!(
+        largest <= 512 * 1024,
+        "a replay frame of {largest} bytes (frames: {sizes:?})"
+    );
+    // Eight clients resuming from the start again and again: the replica's memory stays flat.
+    let before = peak_rss_kib(gw.pid());
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let gw_client = gw.client;
+        let first = first.clone();
+        tasks.push(tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let tok = client_token("alice", &["big"]);
+            for _ in 0..5 {
+                let mut s = tokio::net::TcpStream::connect(gw_client).await.unwrap();
+                let req = format!(
+                    "GET /events?channel=big HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {tok}\r\nLast-Event-ID: {first}\r\n\r\n"
+                );
+                s.write_all(req.as_bytes()).await.unwrap();
+                let mut buf = vec![0; 64 * 1024];
+                let _ = s.read(&mut buf).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let grown = peak_rss_kib(gw.pid()).saturating_sub(before);
+    assert!(
+        grown < 48 * 1024,
+        "peak RSS grew by {grown} KiB for 8 resuming clients"
+    );
+}

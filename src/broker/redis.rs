@@ -27,7 +27,9 @@ use super::{dispatch, dispatch_durable, dispatch_gap, Broker, BrokerError};
 use crate::backend::{Commands as Pool, Topology, COMMAND_TIMEOUT};
 use crate::history::redis::{Library, RedisHistory, LIBRARY_VERSION};
 use crate::history::Incoming::{Durable, Forged, Plain};
-use crate::history::{decode_durable, DurableKey, History, Mark, Position, ANY_EPOCH, PAGE};
+use crate::history::{
+    decode_durable, DurableKey, History, Mark, Position, ANY_EPOCH, PAGE, PAGE_BYTES,
+};
 use crate::hub::Hub;
 use crate::metrics as m;
 
@@ -528,7 +530,10 @@ impl Manager {
             });
             let mut first = true;
             loop {
-                let page = match history.after(channel.clone(), from.clone(), PAGE).await {
+                let page = match history
+                    .after(channel.clone(), from.clone(), PAGE, PAGE_BYTES)
+                    .await
+                {
                     Ok(p) => p,
                     Err(e) => {
                         tracing::warn!("filling channel history after the outage failed: {e}; its streams get gateway.gap");

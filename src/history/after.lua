@@ -1,8 +1,9 @@
 -- Reads a channel's history after a position, and says whether it still reaches back there.
 -- KEYS[1] the history stream, KEYS[2] its epoch key, KEYS[3] the newest trimmed position
 -- ARGV[1] the cursor's epoch ('*': any), ARGV[2] its position (ms-seq), ARGV[3] page size,
--- ARGV[4] the epoch that means "no history yet"
--- Returns { current epoch, gap (0/1), entries }.
+-- ARGV[4] the epoch that means "no history yet", ARGV[5] most payload bytes in the page
+-- (at least one event is returned when the page size allows any, whatever its size)
+-- Returns { current epoch, gap (0/1), entries, more (0/1) }.
 -- Exact comparison of decimal strings (Lua numbers are doubles: 64-bit ids lose precision).
 local function num_cmp(a, b)
   a = string.gsub(a, '^0+(%d)', '%1')
@@ -59,5 +60,21 @@ else
   start = '0-0'
   gap = 1
 end
-local entries = redis.call('XRANGE', KEYS[1], '(' .. start, '+', 'COUNT', tonumber(ARGV[3]) + 1)
-return { epoch, gap, entries }
+local limit = tonumber(ARGV[3])
+local budget = tonumber(ARGV[5])
+local entries = redis.call('XRANGE', KEYS[1], '(' .. start, '+', 'COUNT', limit + 1)
+local page = {}
+local bytes = 0
+local more = 0
+for i = 1, #entries do
+  local size = 0
+  local fields = entries[i][2]
+  for f = 2, #fields, 2 do size = size + #fields[f] end
+  if i > limit or (i > 1 and bytes + size > budget) then
+    more = 1
+    break
+  end
+  bytes = bytes + size
+  page[i] = entries[i]
+end
+return { epoch, gap, page, more }

@@ -152,6 +152,7 @@ impl History for MemoryHistory {
         channel: String,
         from: Mark,
         limit: usize,
+        max_bytes: usize,
     ) -> BoxFuture<'static, Result<Page, HistoryError>> {
         let mut map = self.lock();
         let page = match self.live(&mut map, &channel) {
@@ -174,15 +175,18 @@ impl History for MemoryHistory {
                 } else {
                     (true, Position::default())
                 };
-                let mut events: Vec<Stored> = c
-                    .events
-                    .iter()
-                    .filter(|e| e.pos > start)
-                    .take(limit + 1)
-                    .cloned()
-                    .collect();
-                let more = events.len() > limit;
-                events.truncate(limit);
+                let mut events: Vec<Stored> = Vec::new();
+                let mut bytes = 0usize;
+                let mut more = false;
+                for e in c.events.iter().filter(|e| e.pos > start) {
+                    let first = events.is_empty();
+                    if events.len() == limit || (!first && bytes + e.payload.len() > max_bytes) {
+                        more = true;
+                        break;
+                    }
+                    bytes += e.payload.len();
+                    events.push(e.clone());
+                }
                 Page {
                     gap,
                     epoch: c.epoch.clone(),

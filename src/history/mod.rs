@@ -131,17 +131,24 @@ pub trait History: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Mark, HistoryError>>;
     /// Where each channel's history stands now.
     fn marks(&self, channels: Vec<String>) -> BoxFuture<'static, Result<Vec<Mark>, HistoryError>>;
-    /// Up to `limit` events after `from` in `channel`, if `from` is still of the current epoch.
+    /// Up to `limit` events after `from` in `channel`, if `from` is still of the current epoch,
+    /// and no more payload bytes than `max_bytes` (but at least one event when `limit` > 0):
+    /// what a page holds in memory is bounded whatever the events' sizes.
     fn after(
         &self,
         channel: String,
         from: Mark,
         limit: usize,
+        max_bytes: usize,
     ) -> BoxFuture<'static, Result<Page, HistoryError>>;
 }
 
 /// Events per page when replaying.
 pub const PAGE: usize = 200;
+
+/// Payload bytes per page when replaying: with the event frames built from it, a replaying
+/// stream holds well under a MiB whatever its `Last-Event-ID` asks for.
+pub const PAGE_BYTES: usize = 256 * 1024;
 
 const MARKER: &[u8] = b"\0D2\0";
 

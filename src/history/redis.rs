@@ -356,6 +356,7 @@ impl History for RedisHistory {
         channel: String,
         from: Mark,
         limit: usize,
+        max_bytes: usize,
     ) -> BoxFuture<'static, Result<Page, HistoryError>> {
         let this = self.0.clone();
         async move {
@@ -367,7 +368,8 @@ impl History for RedisHistory {
                     .arg(&from.epoch)
                     .arg(from.pos.to_string())
                     .arg(limit)
-                    .arg(NO_EPOCH);
+                    .arg(NO_EPOCH)
+                    .arg(max_bytes);
                 let mut conn = this.pool.get().await.map_err(err)?;
                 let reply: Vec<Value> = invocation.invoke_async(&mut conn).await.map_err(err)?;
                 let epoch = reply
@@ -396,8 +398,7 @@ impl History for RedisHistory {
                         events.push(Stored { pos, payload });
                     }
                 }
-                let more = events.len() > limit;
-                events.truncate(limit);
+                let more = matches!(reply.get(3), Some(Value::Int(1)));
                 Ok(Page {
                     gap,
                     epoch,

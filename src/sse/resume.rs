@@ -17,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 
 use crate::event::parse_payload;
-use crate::history::{Cursor, History, HistoryError, Mark, Page, NO_EPOCH, PAGE};
+use crate::history::{Cursor, History, HistoryError, Mark, Page, NO_EPOCH, PAGE, PAGE_BYTES};
 use crate::metrics as m;
 use crate::sse::frame;
 
@@ -153,7 +153,7 @@ impl Replayer {
                     return Poll::Ready(None);
                 };
                 let channel = self.channels[idx].to_string();
-                self.fetching = Some((idx, self.history.after(channel, from, PAGE)));
+                self.fetching = Some((idx, self.history.after(channel, from, PAGE, PAGE_BYTES)));
             }
             let Some((idx, fut)) = self.fetching.as_mut() else {
                 continue;
@@ -232,13 +232,14 @@ pub async fn start(
     let mut tracker = Tracker::new(Cursor {
         marks: names.iter().cloned().zip(marks).collect(),
     });
-    // First pages of every channel, so that a gap is known before any event is written.
-    let per_channel = (PAGE / channels.len().max(1)).max(16);
+    // Whether each channel's history still reaches back, before any event is written; the
+    // events themselves come in bounded pages once the stream is open, so a handshake holds
+    // no payload whatever its `Last-Event-ID` asks for.
     let mut pages = Vec::new();
     for (i, mark) in from.iter().enumerate() {
         if let Some(mark) = mark {
             let page = history
-                .after(channels[i].clone(), mark.clone(), per_channel)
+                .after(channels[i].clone(), mark.clone(), 0, PAGE_BYTES)
                 .await?;
             if page.gap {
                 gap_reason.get_or_insert("history_trimmed");
@@ -259,11 +260,8 @@ pub async fn start(
                 pos: Default::default(),
             };
         }
-        let last = write_page(&mut out, &mut tracker, &channels[i], &page, max_event_bytes);
         if page.more {
-            if let Some(mark) = last {
-                todo.push_back((i, mark));
-            }
+            todo.push_back((i, tracker.cursor.marks[i].1.clone()));
         }
     }
     out.extend_from_slice(&tracker.id_line(None));
