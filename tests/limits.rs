@@ -324,6 +324,73 @@ async fn a_replica_paused_past_its_lease_does_not_corrupt_counts() {
 }
 
 #[tokio::test]
+async fn a_pause_shorter_than_the_lease_never_takes_a_live_replicas_slot() {
+    let redis = Redis::start();
+    let gws = replicas(
+        &redis,
+        2,
+        &[
+            ("SSE_GATEWAY_MAX_CONNECTIONS_PER_USER", "1"),
+            ("SSE_GATEWAY_CONNECTION_LEASE_SECS", "3"),
+        ],
+    );
+    all_ready(&gws).await;
+    let tok = client_token("gina", &["l"]);
+    let _on_b = try_open(&gws[1], &tok).await.unwrap();
+    let mut refused = 0;
+    for _ in 0..6 {
+        // A freezes for most of a lease, wakes up with its registry copy out of date, and is
+        // asked for a stream at once.
+        gws[0].signal("STOP");
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        gws[0].signal("CONT");
+        match try_open(&gws[0], &tok).await {
+            Ok(_) => panic!("A took B's live slot: user over the limit"),
+            Err(r) if r.status == 429 => refused += 1,
+            // A's own lease ran out during the pause: it may not admit at all yet.
+            Err(r) => assert_eq!(r.status, 503, "{}", r.text()),
+        }
+        gws[0].wait_ready(true, T).await;
+    }
+    assert!(refused > 0, "every attempt met a lapsed lease");
+    assert_eq!(live_slots(&redis, "gina"), 1);
+}
+
+#[tokio::test]
+async fn slots_lost_by_redis_are_put_back_by_reconciliation() {
+    let redis = Redis::start();
+    let gws = replicas(
+        &redis,
+        2,
+        &[
+            ("SSE_GATEWAY_MAX_CONNECTIONS_PER_USER", "1"),
+            ("SSE_GATEWAY_CONNECTION_LEASE_SECS", "3"),
+        ],
+    );
+    all_ready(&gws).await;
+    let tok = client_token("hank", &["l"]);
+    let _on_a = try_open(&gws[0], &tok).await.unwrap();
+    // A failover to a replica that had not seen the write: the slot is gone, leases are not.
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: i64 = redis::cmd("DEL")
+        .arg("sse:{u:hank}:slots")
+        .query(&mut conn)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while live_slots(&redis, "hank") != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the lost slot was never put back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(try_open(&gws[1], &tok).await.err().unwrap().status, 429);
+}
+
+#[tokio::test]
 async fn a_full_replica_answers_503_capacity() {
     let gw = Gateway::start(&[("SSE_GATEWAY_MAX_CONNECTIONS", "2")]);
     let a = client_token("a", &["l"]);

@@ -12,9 +12,17 @@
 //!   keeps every slot of that replica alive, whatever the number of streams.
 //! - Members are named by a stream id a process never reuses, so a late release can only remove
 //!   its own slot: it cannot free a slot admitted elsewhere.
+//! - Fencing is on Redis's clock and a fresh registry, never on a cached view: `admit.lua`
+//!   refuses a caller whose own lease has run out by Redis's clock, and removes another
+//!   replica's members only when the registry copy it is given is younger than lease/3 (a live
+//!   replica renews every lease/3, so it cannot look expired in such a copy); otherwise the
+//!   caller reads the registry again (`leases.lua`).
 //! - A replica whose lease lapsed (Redis away, the process paused, Redis restarted empty)
-//!   re-asserts its slots with `reclaim.lua` on its next renewal: slots other replicas admitted
-//!   meanwhile count first, and streams of this replica beyond the limit are closed.
+//!   admits nothing until it has re-asserted its slots with `reclaim.lua`: slots other replicas
+//!   admitted meanwhile count first, and streams of this replica beyond the limit are closed.
+//!   The same reconciliation runs every two leases, so slot writes a failover lost are put
+//!   back. It runs apart from the lease renewal, many users at once on the multiplexed
+//!   connection, in chunks each judged by its own registry read.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
@@ -42,8 +50,15 @@ struct Inner {
     limit: u32,
     lease: Duration,
     admin_addr: String,
-    /// Every registered replica's lease expiry (ms, Redis clock), from the last renewal.
-    leases: RwLock<Vec<(String, i64)>>,
+    /// Every registered replica's lease expiry (ms, Redis clock), and when that was read
+    /// (ms, Redis clock), from the last renewal or registry read.
+    leases: RwLock<Leases>,
+    /// Set when this replica's lease lapsed: no admission until its slots are re-asserted.
+    needs_reclaim: std::sync::atomic::AtomicBool,
+    /// Bumped on every lapse, so a reclaim that started before one does not clear the flag.
+    lapses: std::sync::atomic::AtomicU64,
+    /// Wakes the reconciler (after a lapse).
+    reconcile_now: Arc<tokio::sync::Notify>,
     /// Until when this replica's own lease is known to hold (local clock, with a margin).
     valid_until: Mutex<Option<Instant>>,
     /// Slots this replica holds: sub -> stream ids (ascending = oldest first).
@@ -56,7 +71,23 @@ struct Inner {
     admit: Script,
     reclaim: Script,
     registry: Script,
+    read_leases: Script,
 }
+
+/// One user's reclaim: (sub, how many of its streams were sent, members to close).
+type Reclaimed = (String, usize, Vec<String>);
+
+/// A copy of the registry: when it was read (ms, Redis clock) and each replica's expiry.
+#[derive(Clone, Default)]
+struct Leases {
+    read_at: i64,
+    expiries: Vec<(String, i64)>,
+}
+
+/// Users whose slots one reconciliation pass sends to Redis at once (pipelined on the
+/// multiplexed connection), and how many users share one registry read.
+const RECLAIM_CONCURRENCY: usize = 64;
+const RECLAIM_CHUNK: usize = 512;
 
 /// A user's slot set (the one place that names it; `inspect` reads it too).
 pub fn slots_key(prefix: &str, sub: &str) -> String {
@@ -93,7 +124,10 @@ impl RedisLimiter {
             limit: config.max_connections_per_user,
             lease: config.connection_lease,
             admin_addr,
-            leases: RwLock::new(Vec::new()),
+            leases: RwLock::new(Leases::default()),
+            needs_reclaim: std::sync::atomic::AtomicBool::new(false),
+            lapses: std::sync::atomic::AtomicU64::new(0),
+            reconcile_now: Arc::new(tokio::sync::Notify::new()),
             valid_until: Mutex::new(None),
             held: Mutex::new(HashMap::new()),
             pending_release: Mutex::new(Vec::new()),
@@ -102,8 +136,13 @@ impl RedisLimiter {
             admit: Script::new(include_str!("admit.lua")),
             reclaim: Script::new(include_str!("reclaim.lua")),
             registry: Script::new(include_str!("registry.lua")),
+            read_leases: Script::new(include_str!("leases.lua")),
         });
         tokio::spawn(upkeep(Arc::downgrade(&inner)));
+        tokio::spawn(reconcile(
+            Arc::downgrade(&inner),
+            inner.reconcile_now.clone(),
+        ));
         Self { inner }
     }
 
@@ -127,14 +166,46 @@ impl Inner {
     }
 
     fn lease_valid(&self) -> bool {
-        lock(&self.valid_until).is_some_and(|t| Instant::now() < t)
+        !self.needs_reclaim.load(Ordering::Acquire)
+            && lock(&self.valid_until).is_some_and(|t| Instant::now() < t)
     }
 
-    fn lease_args(&self) -> Vec<(String, i64)> {
+    fn cached_leases(&self) -> Leases {
         self.leases
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// How old (ms) a registry read may be for others' leases to be judged by it: a live
+    /// replica renews every lease/3, so in that time it cannot look expired.
+    fn fresh_for_ms(&self) -> i64 {
+        (self.lease.as_millis() / 3) as i64
+    }
+
+    /// Reads the registry now, with Redis's clock, and keeps the copy.
+    async fn read_registry(&self) -> Result<Leases, String> {
+        let work = async {
+            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            self.read_leases
+                .key(self.registry_key())
+                .invoke_async::<Vec<Value>>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let reply = timeout(COMMAND_TIMEOUT, work)
+            .await
+            .map_err(|_| "reading the replica registry timed out".to_string())??;
+        let read_at = reply
+            .first()
+            .and_then(int)
+            .ok_or("unexpected registry reply")?;
+        let leases = Leases {
+            read_at,
+            expiries: pairs(&reply[1..]),
+        };
+        *self.leases.write().unwrap_or_else(|p| p.into_inner()) = leases.clone();
+        Ok(leases)
     }
 
     async fn admit(&self, sub: &str, stream: u64) -> Result<(), LimitError> {
@@ -145,41 +216,45 @@ impl Inner {
             ));
         }
         let work = async {
-            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
-            let mut strict = false;
-            loop {
+            let mut leases = self.cached_leases();
+            let mut fresh = false;
+            for _ in 0..3 {
                 let mut invocation = self.admit.key(self.slots_key(sub));
                 invocation
                     .arg(self.limit)
                     .arg(self.member(stream))
-                    .arg(if strict { "1" } else { "0" });
-                for (id, expiry) in self.lease_args() {
-                    invocation.arg(id).arg(expiry);
+                    .arg(if fresh { "1" } else { "0" })
+                    .arg(leases.read_at)
+                    .arg(self.fresh_for_ms());
+                for (id, expiry) in &leases.expiries {
+                    invocation.arg(id).arg(*expiry);
                 }
+                let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
                 let n = invocation
                     .invoke_async::<i64>(&mut conn)
                     .await
                     .map_err(|e| e.to_string())?;
-                if n >= 0 || strict {
+                if n != -1 {
                     return Ok::<i64, String>(n);
                 }
-                // A replica registered after our last read holds a slot of this user: read the
-                // registry again rather than take it for dead.
-                let fresh: Vec<(String, f64)> = redis::cmd("ZRANGE")
-                    .arg(self.registry_key())
-                    .arg(0)
-                    .arg(-1)
-                    .arg("WITHSCORES")
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                *self.leases.write().unwrap_or_else(|p| p.into_inner()) =
-                    fresh.into_iter().map(|(id, e)| (id, e as i64)).collect();
-                strict = true;
+                // A member's replica looks dead or unknown in a copy that may be old: judge it
+                // by a fresh read, never by the cache (it may have renewed since).
+                leases = self.read_registry().await?;
+                fresh = true;
             }
+            Err("the replica registry kept changing during the admission".into())
         };
         match timeout(COMMAND_TIMEOUT, work).await {
             Ok(Ok(0)) => Err(LimitError::UserLimit { limit: self.limit }),
+            Ok(Ok(-2)) => {
+                // Our lease ran out by Redis's clock (a pause, a partition): stop admitting
+                // until the upkeep has renewed it and re-asserted our slots.
+                *lock(&self.valid_until) = None;
+                Err(LimitError::Unavailable(
+                    "this replica's lease in Redis ran out, so per-user limits cannot be checked"
+                        .into(),
+                ))
+            }
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(LimitError::Unavailable(format!(
                 "Redis refused the slot admission: {e}"
@@ -236,101 +311,194 @@ impl Inner {
         let reply = timeout(COMMAND_TIMEOUT, work)
             .await
             .map_err(|_| "lease renewal timed out".to_string())??;
-        let int = |v: &Value| -> Option<i64> {
-            match v {
-                Value::Int(i) => Some(*i),
-                Value::BulkString(b) => std::str::from_utf8(b)
-                    .ok()?
-                    .parse::<f64>()
-                    .ok()
-                    .map(|f| f as i64),
-                _ => None,
-            }
-        };
         let (Some(prev), Some(now)) = (reply.first().and_then(int), reply.get(1).and_then(int))
         else {
             return Err("unexpected lease renewal reply".into());
         };
-        let mut leases = Vec::with_capacity(reply.len() / 2);
-        for pair in reply[2..].chunks(2) {
-            if let [Value::BulkString(id), expiry] = pair {
-                if let (Ok(id), Some(expiry)) = (String::from_utf8(id.clone()), int(expiry)) {
-                    leases.push((id, expiry));
-                }
-            }
-        }
-        *self.leases.write().unwrap_or_else(|p| p.into_inner()) = leases;
+        *self.leases.write().unwrap_or_else(|p| p.into_inner()) = Leases {
+            read_at: now,
+            expiries: pairs(&reply[2..]),
+        };
         // Others see this lease end at Redis-now + lease; keep a margin for the round trip.
         *lock(&self.valid_until) = Some(sent + self.lease.mul_f64(0.9));
         tracing::debug!(prev, now, "lease registry read");
         Ok(prev < now)
     }
 
-    /// Re-asserts every slot this replica holds; closes streams that no longer fit.
+    /// Re-asserts every slot this replica holds, a bounded number of users at a time, each
+    /// chunk judged by its own fresh registry read; closes streams that no longer fit.
     async fn reclaim_all(&self) -> Result<(), String> {
+        use futures_util::stream::StreamExt;
         let snapshot: Vec<(String, Vec<u64>)> = lock(&self.held)
             .iter()
             .map(|(sub, set)| (sub.clone(), set.iter().copied().collect()))
             .collect();
-        let leases = self.lease_args();
         let mut closed = 0usize;
         let mut kept = 0usize;
-        for (sub, streams) in snapshot {
-            let mut invocation = self.reclaim.key(self.slots_key(&sub));
-            invocation
-                .arg(self.limit)
-                .arg(&self.replica)
-                .arg(streams.len());
-            for s in &streams {
-                invocation.arg(self.member(*s));
-            }
-            for (id, expiry) in &leases {
-                invocation.arg(id).arg(*expiry);
-            }
-            let work = async {
-                let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
-                invocation
-                    .invoke_async::<Vec<String>>(&mut conn)
-                    .await
-                    .map_err(|e| e.to_string())
-            };
-            let evicted = timeout(COMMAND_TIMEOUT, work)
-                .await
-                .map_err(|_| "slot reclaim timed out".to_string())??;
-            kept += streams.len() - evicted.len();
-            for member in evicted {
-                let Some(id) = member
-                    .rsplit(':')
-                    .next()
-                    .and_then(|s| s.parse::<u64>().ok())
-                else {
-                    continue;
-                };
-                self.forget(&sub, id);
-                if let Some(stream) = self.hub.stream(id) {
-                    stream.kill(CloseReason::UserLimit);
-                    closed += 1;
+        for chunk in snapshot.chunks(RECLAIM_CHUNK) {
+            let leases = self.read_registry().await?;
+            // Built up front (not in a stream combinator), so the task stays `Send`.
+            let calls: Vec<_> = chunk
+                .iter()
+                .map(|(sub, streams)| self.reclaim_user(sub, streams, &leases))
+                .collect();
+            let results: Vec<Result<Reclaimed, String>> = futures_util::stream::iter(calls)
+                .buffer_unordered(RECLAIM_CONCURRENCY)
+                .collect()
+                .await;
+            for result in results {
+                let (sub, held, evicted) = result?;
+                kept += held - evicted.len();
+                for member in evicted {
+                    let Some(id) = member
+                        .rsplit(':')
+                        .next()
+                        .and_then(|s| s.parse::<u64>().ok())
+                    else {
+                        continue;
+                    };
+                    self.forget(&sub, id);
+                    if let Some(stream) = self.hub.stream(id) {
+                        stream.kill(CloseReason::UserLimit);
+                        closed += 1;
+                    }
                 }
             }
         }
-        if kept + closed > 0 {
+        if closed > 0 {
             tracing::warn!(
                 kept,
                 closed,
-                "this replica's lease had lapsed (Redis away, process paused, or Redis restarted empty); re-asserted its per-user slots and closed streams over the limit"
+                "re-asserted this replica's per-user slots (after a lapsed lease, or slots Redis lost) and closed streams over the limit"
             );
         }
         Ok(())
     }
 
+    /// One user's reclaim: (sub, streams sent, members to close).
+    async fn reclaim_user(
+        &self,
+        sub: &str,
+        streams: &[u64],
+        leases: &Leases,
+    ) -> Result<Reclaimed, String> {
+        let mut invocation = self.reclaim.key(self.slots_key(sub));
+        invocation
+            .arg(self.limit)
+            .arg(&self.replica)
+            .arg(leases.read_at)
+            .arg(self.fresh_for_ms())
+            // Admissions after this may not be in the snapshot yet: they are kept.
+            .arg(leases.read_at - 1000)
+            .arg(streams.len());
+        for s in streams {
+            invocation.arg(self.member(*s));
+        }
+        for (id, expiry) in &leases.expiries {
+            invocation.arg(id).arg(*expiry);
+        }
+        let work = async {
+            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            invocation
+                .invoke_async::<Value>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let reply = timeout(COMMAND_TIMEOUT, work)
+            .await
+            .map_err(|_| "slot reclaim timed out".to_string())??;
+        match reply {
+            Value::Array(members) => Ok((
+                sub.to_string(),
+                streams.len(),
+                members
+                    .iter()
+                    .filter_map(|m| match m {
+                        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+                        _ => None,
+                    })
+                    .collect(),
+            )),
+            // The registry read grew old while the chunk was sent: the next pass retries.
+            _ => Err("the registry read was too old to re-assert slots by".into()),
+        }
+    }
+
     async fn flush_pending_releases(&self) {
+        use futures_util::stream::StreamExt;
         let pending = std::mem::take(&mut *lock(&self.pending_release));
-        for (i, (sub, stream)) in pending.iter().enumerate() {
-            if self.remove(sub, *stream).await.is_err() {
-                lock(&self.pending_release).extend_from_slice(&pending[i..]);
-                return;
+        let calls: Vec<_> = pending
+            .into_iter()
+            .map(|(sub, stream)| async move {
+                match self.remove(&sub, stream).await {
+                    Ok(()) => None,
+                    Err(_) => Some((sub, stream)),
+                }
+            })
+            .collect();
+        let failed: Vec<(String, u64)> = futures_util::stream::iter(calls)
+            .buffer_unordered(RECLAIM_CONCURRENCY)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
+        lock(&self.pending_release).extend(failed);
+    }
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()?
+            .parse::<f64>()
+            .ok()
+            .map(|f| f as i64),
+        _ => None,
+    }
+}
+
+/// `id, expiry, id, expiry, …` from a script's reply.
+fn pairs(values: &[Value]) -> Vec<(String, i64)> {
+    let mut out = Vec::with_capacity(values.len() / 2);
+    for pair in values.chunks(2) {
+        if let [Value::BulkString(id), expiry] = pair {
+            if let (Ok(id), Some(expiry)) = (String::from_utf8(id.clone()), int(expiry)) {
+                out.push((id, expiry));
             }
         }
+    }
+    out
+}
+
+/// Re-asserts this replica's slots after a lapse (woken by the upkeep) and every two leases
+/// (slot writes a failover lost are put back), and sends releases that could not reach Redis.
+/// Runs apart from the lease renewal, so a long pass never lets the lease lapse again.
+async fn reconcile(weak: std::sync::Weak<Inner>, woken: Arc<tokio::sync::Notify>) {
+    let period = {
+        let Some(inner) = weak.upgrade() else { return };
+        (inner.lease * 2).max(Duration::from_secs(1))
+    };
+    let mut wait = period;
+    loop {
+        tokio::select! {
+            _ = woken.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let Some(inner) = weak.upgrade() else { return };
+        wait = period;
+        let lapses = inner.lapses.load(Ordering::Acquire);
+        match inner.reclaim_all().await {
+            Ok(()) => {
+                if inner.lapses.load(Ordering::Acquire) == lapses {
+                    inner.needs_reclaim.store(false, Ordering::Release);
+                }
+            }
+            Err(e) => {
+                tracing::warn!("re-asserting per-user slots failed: {e}; retrying in a second");
+                wait = Duration::from_secs(1);
+            }
+        }
+        inner.flush_pending_releases().await;
     }
 }
 
@@ -353,17 +521,14 @@ async fn upkeep(weak: std::sync::Weak<Inner>) {
             Ok(lapsed) => {
                 tracing::debug!(lapsed, registered_once, "lease renewed");
                 if lapsed && registered_once {
-                    if let Err(e) = inner.reclaim_all().await {
-                        tracing::warn!("re-asserting per-user slots failed: {e}; retrying shortly");
-                        *lock(&inner.valid_until) = None;
-                        wait = retry;
-                        retry = (retry * 2).min(period).min(Duration::from_secs(1));
-                        continue;
-                    }
+                    // Others may have taken our slots while we were away: admit nothing until
+                    // the reconciler has re-asserted them.
+                    inner.lapses.fetch_add(1, Ordering::AcqRel);
+                    inner.needs_reclaim.store(true, Ordering::Release);
+                    inner.reconcile_now.notify_one();
                 }
                 registered_once = true;
                 retry = Duration::from_millis(100);
-                inner.flush_pending_releases().await;
             }
             Err(e) => {
                 wait = retry;
