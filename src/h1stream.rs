@@ -210,6 +210,7 @@ where
     }
     .await;
     if let Err(e) = &written {
+        tracing::debug!("stream socket failed: {e}");
         // TCP_USER_TIMEOUT (= SSE_GATEWAY_WRITE_TIMEOUT_SECS): the socket took no bytes. Said
         // before the body (and with it the stream's guard) drops.
         if e.kind() == io::ErrorKind::TimedOut {

@@ -149,10 +149,12 @@ fn every_scenario_runs_and_adds_up() {
         &redis_url,
         "--streams",
         "20",
+        // Enough deliveries to cost the replica several CPU ticks (/proc counts in 10 ms):
+        // with 200 the figure was sometimes zero ticks, and so missing.
         "--events",
-        "10",
-        "--rate",
         "50",
+        "--rate",
+        "100",
         "--workers",
         "2",
         "--json",
@@ -160,13 +162,13 @@ fn every_scenario_runs_and_adds_up() {
         "--html",
         &file("broadcast.html"),
     ]);
-    assert!(out.contains("delivered: 200 of 200"), "{out}");
+    assert!(out.contains("delivered: 1000 of 1000"), "{out}");
     let report = json(&dir.join("broadcast.json"));
-    assert_eq!(report["deliveries"], 200);
-    assert_eq!(report["latency_ms"]["count"], 200);
+    assert_eq!(report["deliveries"], 1000);
+    assert_eq!(report["latency_ms"]["count"], 1000);
     assert!(report["cpu_ms_per_1k_deliveries"].as_f64().unwrap() > 0.0);
     let page = std::fs::read_to_string(dir.join("broadcast.html")).unwrap();
-    assert!(page.contains("<svg") && page.contains("delivered: 200 of 200"));
+    assert!(page.contains("<svg") && page.contains("delivered: 1000 of 1000"));
 
     let out = tool(&[
         "private",
