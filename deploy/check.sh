@@ -50,7 +50,7 @@ sed -e 's/server 127.0.0.1:808\([123]\) /server replica\1:8080 /' \
     deploy/nginx/sse-gateway.conf | diff -u - deploy/docker/nginx.conf
 
 echo "== shellcheck"
-shellcheck .ci/run scripts/*.sh deploy/*.sh deploy/local/*.sh loadtest/peers/*.sh
+shellcheck .ci/run scripts/*.sh deploy/*.sh deploy/local/*.sh loadtest/*.sh loadtest/peers/*.sh
 
 echo "== hadolint"
 hadolint deploy/docker/Dockerfile
