@@ -314,3 +314,41 @@ async fn client_sockets_are_capped_at_streams_plus_handshakes() {
     .await;
     assert!(matches!(c, Ok(Ok(_))), "no stream after the flood ended");
 }
+
+#[tokio::test]
+async fn an_http2_stream_blocked_by_flow_control_still_ends_at_its_token_expiry() {
+    let gw = Gateway::start(&[("SSE_GATEWAY_CLIENT_QUEUE", "100000")]);
+    let tcp = TcpStream::connect(gw.client).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(65_535)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let exp = now() + 3;
+    let tok = token(json!({"sub": "h2slow", "exp": exp, "channels": ["h2busy"]}));
+    let req = hyper::Request::get(format!("http://{}/events?channel=h2busy", gw.client))
+        .header("authorization", format!("Bearer {tok}"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let _never_read = resp.into_body();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publishing = publisher(&gw, "h2busy", 16 * 1024, 50, stop.clone());
+    let metric = "sse_gateway_connections_closed_total{reason=\"token_expired\"}";
+    loop {
+        if gw.metric(metric).await == 1.0 {
+            break;
+        }
+        assert!(
+            now() <= exp + 3,
+            "a stream whose window is full outlived its token by more than 3 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    publishing.await.unwrap();
+    assert_eq!(gw.metric("sse_gateway_connections").await, 0.0);
+}
