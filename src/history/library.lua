@@ -21,8 +21,18 @@ local DEFAULT_MAXLEN = __MAXLEN__
 local DEFAULT_TTL_MS = __TTL_MS__
 local DEFAULT_MAX_BYTES = __MAX_BYTES__
 
+-- Hex pair -> byte, filled at the first call; gsub with a table calls no Lua function.
+local BYTE = nil
 local function bytes_of_hex(h)
-  return (string.gsub(h, '..', function(c) return string.char(tonumber(c, 16)) end))
+  if not BYTE then
+    BYTE = {}
+    for i = 0, 255 do
+      local b = string.char(i)
+      BYTE[string.format('%02x', i)] = b
+      BYTE[string.format('%02X', i)] = b
+    end
+  end
+  return (string.gsub(h, '..', BYTE))
 end
 
 -- The padded keys, worked out at the first call (the standard libraries are not available
