@@ -51,30 +51,14 @@ fn publisher(
         let mut next = tokio::time::Instant::now();
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             let body = json!({"channel": channel, "data": format!("seq={n} t={} {pad}", millis())});
-            let r = post_publish(client, &tok, &body).await;
-            assert_eq!(r, 202);
+            let r = publish_to(client, &tok, &body).await;
+            assert_eq!(r.status, 202);
             n += 1;
             next += every;
             tokio::time::sleep_until(next).await;
         }
         n
     })
-}
-
-async fn post_publish(client: std::net::SocketAddr, tok: &str, body: &serde_json::Value) -> u16 {
-    let auth = format!("Bearer {tok}");
-    http(
-        client,
-        "POST",
-        "/publish",
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/json"),
-        ],
-        body.to_string().as_bytes(),
-    )
-    .await
-    .status
 }
 
 /// Send times (ms) of every event in `raw`.

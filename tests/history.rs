@@ -10,13 +10,7 @@ use support::*;
 const T: Duration = Duration::from_secs(10);
 
 async fn publish(gw: &Gateway, channel: &str, data: &str) {
-    let r = gw
-        .publish(
-            &publisher_token(),
-            &json!({"channel": channel, "data": data}),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.text());
+    gw.publish_data(channel, data).await;
 }
 
 fn fcall(redis: &Redis, channel: &str, payload: &str) -> Result<Vec<String>, redis::RedisError> {

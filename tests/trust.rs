@@ -6,7 +6,6 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::json;
 use support::*;
 
 const T: Duration = Duration::from_secs(10);
@@ -18,15 +17,19 @@ fn conn(redis: &Redis) -> redis::Connection {
         .unwrap()
 }
 
-async fn publish(gw: &Gateway, channel: &str, data: &str) -> String {
-    let r = gw
-        .publish(
-            &publisher_token(),
-            &json!({"channel": channel, "data": data}),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.text());
-    r.json()["ids"][channel].as_str().unwrap().to_string()
+/// The history library as a replica of `version` holding `key_hex` would load it.
+fn library(version: &str, key_hex: &str) -> String {
+    include_str!("../src/history/library.lua")
+        .replace("__LIBRARY__", "sse_gateway_sse_publish")
+        .replace("__FUNCTION__", "sse_publish")
+        .replace("__INFO__", "sse_publish_info")
+        .replace("__VERSION__", version)
+        .replace("__KEY_HEX__", key_hex)
+        .replace("__PREFIX__", "sse:")
+        .replace("__MAXLEN__", "1000")
+        .replace("__TTL_MS__", "600000")
+        .replace("__MAX_BYTES__", "65536")
+        .replace("__PUBLISH__", "PUBLISH")
 }
 
 #[tokio::test]
@@ -35,7 +38,7 @@ async fn a_raw_publish_of_the_durable_marker_cannot_suppress_durable_events() {
     let url = redis.url();
     let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &url)]);
     gw.wait_ready(true, T).await;
-    let first = publish(&gw, "trust", "first").await;
+    let first = gw.publish_data("trust", "first").await;
     let epoch = first.split('.').nth(1).unwrap().to_string();
     let tok = client_token("alice", &["trust"]);
     let auth = format!("Bearer {tok}");
@@ -57,7 +60,7 @@ async fn a_raw_publish_of_the_durable_marker_cannot_suppress_durable_events() {
     );
     assert_eq!(redis.publish("sse:trust", forged_old.as_bytes()), 1);
     assert_eq!(redis.publish("sse:trust", forged_new.as_bytes()), 1);
-    publish(&gw, "trust", "real").await;
+    gw.publish_data("trust", "real").await;
     let got = c.next_event(T).await.expect("the real event arrives");
     assert_eq!(
         got.data, "real",
@@ -125,7 +128,7 @@ async fn replicas_pass_their_own_history_settings() {
     ]);
     large.wait_ready(true, T).await;
     for i in 0..10 {
-        publish(&small, "sized", &format!("s{i}")).await;
+        small.publish_data("sized", &format!("s{i}")).await;
     }
     let len: i64 = redis::cmd("XLEN")
         .arg("{sse:sized}:history")
@@ -133,7 +136,7 @@ async fn replicas_pass_their_own_history_settings() {
         .unwrap();
     assert_eq!(len, 5, "the publishing replica's HISTORY_SIZE applies");
     for i in 0..10 {
-        publish(&large, "sized", &format!("l{i}")).await;
+        large.publish_data("sized", &format!("l{i}")).await;
     }
     let len: i64 = redis::cmd("XLEN")
         .arg("{sse:sized}:history")
@@ -147,17 +150,7 @@ async fn a_newer_library_is_never_replaced_by_an_older_replica() {
     let redis = Redis::start();
     let url = redis.url();
     // A library from a later version (same calling convention, higher version number).
-    let newer = include_str!("../src/history/library.lua")
-        .replace("__LIBRARY__", "sse_gateway_sse_publish")
-        .replace("__FUNCTION__", "sse_publish")
-        .replace("__INFO__", "sse_publish_info")
-        .replace("__VERSION__", "99")
-        .replace("__KEY_HEX__", &"ab".repeat(32))
-        .replace("__PREFIX__", "sse:")
-        .replace("__MAXLEN__", "1000")
-        .replace("__TTL_MS__", "600000")
-        .replace("__MAX_BYTES__", "65536")
-        .replace("__PUBLISH__", "PUBLISH");
+    let newer = library("99", &"ab".repeat(32));
     let _: String = redis::cmd("FUNCTION")
         .arg("LOAD")
         .arg(&newer)
@@ -178,7 +171,7 @@ async fn a_newer_library_is_never_replaced_by_an_older_replica() {
         .await
         .unwrap();
     c.wait_id(T).await;
-    publish(&gw, "newer", "works").await;
+    gw.publish_data("newer", "works").await;
     assert_eq!(c.next_event(T).await.unwrap().data, "works");
 }
 
@@ -193,21 +186,11 @@ async fn a_library_replaced_under_a_running_replica_is_resynchronised_without_lo
         .await
         .unwrap();
     c.wait_id(T).await;
-    publish(&gw, "swap", "before").await;
+    gw.publish_data("swap", "before").await;
     assert_eq!(c.next_event(T).await.unwrap().data, "before");
     // Someone loads the library again with another key (as after a FUNCTION FLUSH and a new
     // replica): events published now are signed with a key this replica does not hold yet.
-    let other = include_str!("../src/history/library.lua")
-        .replace("__LIBRARY__", "sse_gateway_sse_publish")
-        .replace("__FUNCTION__", "sse_publish")
-        .replace("__INFO__", "sse_publish_info")
-        .replace("__VERSION__", "2")
-        .replace("__KEY_HEX__", &"cd".repeat(32))
-        .replace("__PREFIX__", "sse:")
-        .replace("__MAXLEN__", "1000")
-        .replace("__TTL_MS__", "600000")
-        .replace("__MAX_BYTES__", "65536")
-        .replace("__PUBLISH__", "PUBLISH");
+    let other = library("2", &"cd".repeat(32));
     let _: String = redis::cmd("FUNCTION")
         .arg("LOAD")
         .arg("REPLACE")
@@ -215,7 +198,7 @@ async fn a_library_replaced_under_a_running_replica_is_resynchronised_without_lo
         .query(&mut conn(&redis))
         .unwrap();
     for i in 0..3 {
-        publish(&gw, "swap", &format!("after-{i}")).await;
+        gw.publish_data("swap", &format!("after-{i}")).await;
     }
     // The replica notices, adopts the key and fills what it dropped from history.
     for i in 0..3 {

@@ -345,19 +345,39 @@ impl Gateway {
     }
 
     pub async fn publish(&self, token: &str, body: &serde_json::Value) -> Reply {
-        let auth = format!("Bearer {token}");
-        http(
-            self.client,
-            "POST",
-            "/publish",
-            &[
-                ("Authorization", &auth),
-                ("Content-Type", "application/json"),
-            ],
-            body.to_string().as_bytes(),
-        )
-        .await
+        publish_to(self.client, token, body).await
     }
+
+    /// Publishes `data` on `channel` with a publisher token (must be accepted); its id there.
+    pub async fn publish_data(&self, channel: &str, data: &str) -> String {
+        let r = self
+            .publish(
+                &publisher_token(),
+                &serde_json::json!({"channel": channel, "data": data}),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{}", r.text());
+        r.json()["ids"][channel]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// `POST /publish` on a replica's client address.
+pub async fn publish_to(client: SocketAddr, token: &str, body: &serde_json::Value) -> Reply {
+    let auth = format!("Bearer {token}");
+    http(
+        client,
+        "POST",
+        "/publish",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        body.to_string().as_bytes(),
+    )
+    .await
 }
 
 impl Drop for Gateway {
