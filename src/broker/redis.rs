@@ -357,6 +357,9 @@ impl Manager {
         let mut probe_sent: u64 = 0;
         let mut probe_sent_at = Instant::now();
         let mut checked_library_at: Option<Instant> = None;
+        // Probes are published in the background: a command that hangs (Redis partitioned
+        // away) must not hold this loop; a probe not back by the next tick is the verdict.
+        let (probe_failed_tx, mut probe_failed) = mpsc::unbounded_channel::<Outage>();
         loop {
             tokio::select! {
                 req = self.requests.recv() => {
@@ -401,7 +404,7 @@ impl Manager {
                         .map(|s| s.load(Ordering::Acquire))
                         .min()
                         .unwrap_or(0);
-                    if probe_sent > seen && probe_sent_at.elapsed() >= self.probe_every {
+                    if probe_sent > seen && probe_sent_at.elapsed() >= self.probe_every.mul_f64(0.9) {
                         return Err(format!(
                             "the subscription stopped delivering (probe {probe_sent} not back after {:?})",
                             probe_sent_at.elapsed()
@@ -412,17 +415,31 @@ impl Manager {
                         probe_sent_shared.store(probe_sent, Ordering::Release);
                         probe_sent_at = Instant::now();
                         for channel in &probes {
-                            if self.probe(channel, &nonce, probe_sent).await? == 0 {
-                                return Err(format!(
-                                    "Redis reports no subscriber on this replica's probe channel {channel:?}"
-                                ));
-                            }
+                            let send = probe(
+                                self.pool.clone(),
+                                self.publish_command,
+                                channel.clone(),
+                                format!("{nonce}:{probe_sent}"),
+                            );
+                            let failed = probe_failed_tx.clone();
+                            let channel = channel.clone();
+                            tokio::spawn(async move {
+                                let why = match send.await {
+                                    Ok(0) => format!(
+                                        "Redis reports no subscriber on this replica's probe channel {channel:?}"
+                                    ),
+                                    Ok(_) => return,
+                                    Err(e) => e,
+                                };
+                                let _ = failed.send(why);
+                            });
                         }
                     }
                 }
                 _ = &mut reader_done => {
                     return Err("the pub/sub connection closed".into());
                 }
+                Some(why) = probe_failed.recv() => return Err(why),
                 Some(()) = suspect_rx.recv() => {
                     // At most one look every few seconds, whatever a forger publishes.
                     if checked_library_at.is_some_and(|t| t.elapsed() < LIBRARY_CHECK_EVERY) {
@@ -638,25 +655,31 @@ impl Manager {
         Ok(probes)
     }
 
-    async fn probe(&self, channel: &str, nonce: &str, seq: u64) -> Result<i64, Outage> {
-        let work = async {
-            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
-            redis::cmd(self.publish_command)
-                .arg(channel)
-                .arg(format!("{nonce}:{seq}"))
-                .query_async::<i64>(&mut conn)
-                .await
-                .map_err(|e| e.to_string())
-        };
-        timeout(COMMAND_TIMEOUT, work)
-            .await
-            .map_err(|_| "probe PUBLISH timed out".to_string())?
-            .map_err(|e| format!("probe PUBLISH failed: {e}"))
-    }
-
     fn name(&self, channel: &str) -> String {
         format!("{}{}", self.prefix, channel)
     }
+}
+
+/// Publishes one probe `payload` on `channel`; how many subscribers Redis reports.
+async fn probe(
+    pool: Pool,
+    command: &'static str,
+    channel: String,
+    payload: String,
+) -> Result<i64, Outage> {
+    let work = async {
+        let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+        redis::cmd(command)
+            .arg(&channel)
+            .arg(payload)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    timeout(COMMAND_TIMEOUT, work)
+        .await
+        .map_err(|_| "probe PUBLISH timed out".to_string())?
+        .map_err(|e| format!("probe PUBLISH failed: {e}"))
 }
 
 /// Where a session's messages come from.

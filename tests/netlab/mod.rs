@@ -1,8 +1,15 @@
-//! A small network lab: "hosts" are Linux network namespaces joined to this machine's root
-//! namespace by veth pairs, with addresses from the benchmarking range 198.18.0.0/15, so a test
-//! can pull a client's cable (no FIN, no RST) or cap its bandwidth. Everything a lab creates is
-//! removed when it drops, even when the test fails. Needs root and `ip`; where namespaces cannot
-//! be created, [`Lab::new`] says why and the test skips.
+//! A small network lab: "hosts" are Linux network namespaces, each plugged by a veth pair into
+//! one bridge in this machine's root namespace, with addresses from the benchmarking range
+//! 198.18.0.0/15 (one /24 per lab). The test process itself sits on the bridge too (the /24's
+//! `.1`), so it reaches every host, and hosts reach each other over the bridge.
+//!
+//! Faults, each a small helper: a host that goes silent towards another (blackhole routes:
+//! packets leave, nothing comes back, no FIN, no RST), a partition between two hosts (both
+//! ways), healing it, a bandwidth cap on what reaches a host (`tc tbf`: this kernel has no
+//! `netem`, so there is no delay injection), and process pause/continue (SIGSTOP/SIGCONT, on
+//! the fixtures). Everything a lab creates — namespaces, links, the bridge, processes — is
+//! removed when it drops, even when the test fails. Needs root and `ip`; where namespaces
+//! cannot be created, [`Lab::new`] says why and the test skips.
 
 #![allow(dead_code)]
 
@@ -28,15 +35,15 @@ fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// One host: a namespace, its end of a veth pair, and the root namespace's end.
+/// One host: a namespace with one address on the lab's bridge.
 pub struct Host {
-    /// Namespace name.
+    /// Namespace name (for `ip netns exec`, `Gateway::start_in`, `Redis::start_in`).
     pub ns: String,
     /// The host's address.
     pub addr: Ipv4Addr,
-    /// The root namespace's address on the same link (where the host reaches this machine).
+    /// The root namespace's address on the bridge (where this machine's test process sits).
     pub gateway: Ipv4Addr,
-    /// Link names: root side, host side.
+    /// Link names: root side (on the bridge), host side.
     root_link: String,
     host_link: String,
     children: Vec<Child>,
@@ -57,32 +64,30 @@ impl Host {
         self.children.last_mut().expect("just pushed")
     }
 
-    /// The host goes silent the way a dead NAT or a killed VM does: what this machine sends
-    /// still leaves, but nothing comes back — no ACK, no FIN, no RST (a blackhole route inside
-    /// the host towards this machine).
+    /// From now on this host's packets to `to` are dropped where they start: `to` sees
+    /// silence (no ACK, no FIN, no RST), as from a dead NAT or a killed VM.
+    pub fn silence_towards(&self, to: Ipv4Addr) {
+        let dest = format!("{to}/32");
+        ip(&["-n", &self.ns, "route", "replace", "blackhole", &dest]).expect("blackhole route");
+    }
+
+    /// Undoes [`Host::silence_towards`].
+    pub fn speak_to(&self, to: Ipv4Addr) {
+        let dest = format!("{to}/32");
+        let _ = ip(&["-n", &self.ns, "route", "del", "blackhole", &dest]);
+    }
+
+    /// The host goes silent towards this machine's test process.
     pub fn cut(&self) {
-        let to = format!("{}/32", self.gateway);
-        ip(&["-n", &self.ns, "route", "add", "blackhole", &to]).expect("blackhole route");
+        self.silence_towards(self.gateway);
     }
 
     /// Undoes [`Host::cut`].
     pub fn restore(&self) {
-        let to = format!("{}/32", self.gateway);
-        ip(&["-n", &self.ns, "route", "del", "blackhole", &to]).expect("blackhole route");
+        self.speak_to(self.gateway);
     }
 
-    /// Pulls the host's cable: its link goes down on its side.
-    pub fn unplug(&self) {
-        ip(&["-n", &self.ns, "link", "set", &self.host_link, "down"]).expect("link down");
-    }
-
-    /// Plugs the cable back in.
-    pub fn plug(&self) {
-        ip(&["-n", &self.ns, "link", "set", &self.host_link, "up"]).expect("link up");
-    }
-
-    /// Caps what this machine sends to the host (`tc tbf`; this kernel has no `netem`, so there
-    /// is no delay injection).
+    /// Caps what reaches this host (`tc tbf` on the bridge side of its link).
     pub fn cap_kbit(&self, kbit: u32) {
         let rate = format!("{kbit}kbit");
         let out = Command::new("tc")
@@ -110,6 +115,18 @@ impl Host {
     }
 }
 
+/// A partition between two hosts: neither hears the other, and neither is told.
+pub fn partition(a: &Host, b: &Host) {
+    a.silence_towards(b.addr);
+    b.silence_towards(a.addr);
+}
+
+/// Heals a [`partition`].
+pub fn heal(a: &Host, b: &Host) {
+    a.speak_to(b.addr);
+    b.speak_to(a.addr);
+}
+
 impl Drop for Host {
     fn drop(&mut self) {
         for c in &mut self.children {
@@ -122,92 +139,79 @@ impl Drop for Host {
     }
 }
 
-/// Makes hosts; each gets its own /30.
+/// One bridge and the hosts plugged into it.
 pub struct Lab {
     tag: String,
+    bridge: String,
+    /// The /24's first three octets.
+    net: [u8; 3],
+    /// This machine's address on the bridge.
+    pub root: Ipv4Addr,
+    hosts: AtomicU32,
 }
 
 impl Lab {
     /// A lab, or why one cannot be made here (not root, no `ip`, namespaces refused).
     pub fn new() -> Result<Self, String> {
-        let tag = format!("{:x}", std::process::id() % 0xffff);
-        let probe = format!("sgwp{tag}{}", NEXT.fetch_add(1, Ordering::Relaxed));
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let tag = format!("{:x}{n}", pid % 0xfff);
+        let probe = format!("sgwp{tag}");
         ip(&["netns", "add", &probe])?;
         let _ = ip(&["netns", "del", &probe]);
-        Ok(Self { tag })
+        // One /24 of 198.18.0.0/15 per lab, spread by process and lab number.
+        let index = ((pid % 128) * 4 + n) % 512;
+        let net = [198, 18 + (index / 256) as u8, (index % 256) as u8];
+        let root = Ipv4Addr::new(net[0], net[1], net[2], 1);
+        let bridge = format!("sgwb{tag}");
+        ip(&["link", "add", "name", &bridge, "type", "bridge"])?;
+        let lab = Self {
+            tag,
+            bridge: bridge.clone(),
+            net,
+            root,
+            hosts: AtomicU32::new(0),
+        };
+        ip(&["addr", "add", &format!("{root}/24"), "dev", &bridge])?;
+        ip(&["link", "set", &bridge, "up"])?;
+        Ok(lab)
     }
 
-    /// A new host linked to this machine.
+    /// A new host plugged into the bridge.
     pub fn host(&self) -> Host {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let n = self.hosts.fetch_add(1, Ordering::Relaxed);
         let ns = format!("sgw{}h{n}", self.tag);
         let root_link = format!("sgr{}{n}", self.tag);
         let host_link = format!("sgh{}{n}", self.tag);
-        // 198.18.<a>.<b*4+1|2>/30, spread by process and host number.
-        let subnet = (std::process::id() % 200) * 64 + n % 64;
-        let (a, b) = ((subnet / 64) as u8, ((subnet % 64) * 4) as u8);
-        let gateway = Ipv4Addr::new(198, 18, a, b + 1);
-        let addr = Ipv4Addr::new(198, 18, a, b + 2);
+        let addr = Ipv4Addr::new(self.net[0], self.net[1], self.net[2], 10 + n as u8);
         let host = Host {
             ns: ns.clone(),
             addr,
-            gateway,
+            gateway: self.root,
             root_link: root_link.clone(),
             host_link: host_link.clone(),
             children: Vec::new(),
         };
-        let steps: Vec<Vec<String>> = vec![
-            vec!["netns".into(), "add".into(), ns.clone()],
-            vec![
-                "link".into(),
-                "add".into(),
-                root_link.clone(),
-                "type".into(),
-                "veth".into(),
-                "peer".into(),
-                "name".into(),
-                host_link.clone(),
-                "netns".into(),
-                ns.clone(),
+        let cidr = format!("{addr}/24");
+        let steps: [&[&str]; 6] = [
+            &["netns", "add", &ns],
+            &[
+                "link", "add", &root_link, "type", "veth", "peer", "name", &host_link, "netns", &ns,
             ],
-            vec![
-                "addr".into(),
-                "add".into(),
-                format!("{gateway}/30"),
-                "dev".into(),
-                root_link.clone(),
-            ],
-            vec!["link".into(), "set".into(), root_link.clone(), "up".into()],
-            vec![
-                "-n".into(),
-                ns.clone(),
-                "addr".into(),
-                "add".into(),
-                format!("{addr}/30"),
-                "dev".into(),
-                host_link.clone(),
-            ],
-            vec![
-                "-n".into(),
-                ns.clone(),
-                "link".into(),
-                "set".into(),
-                host_link.clone(),
-                "up".into(),
-            ],
-            vec![
-                "-n".into(),
-                ns.clone(),
-                "link".into(),
-                "set".into(),
-                "lo".into(),
-                "up".into(),
-            ],
+            &["link", "set", &root_link, "master", &self.bridge, "up"],
+            &["-n", &ns, "addr", "add", &cidr, "dev", &host_link],
+            &["-n", &ns, "link", "set", &host_link, "up"],
+            &["-n", &ns, "link", "set", "lo", "up"],
         ];
         for step in steps {
-            let args: Vec<&str> = step.iter().map(String::as_str).collect();
-            ip(&args).expect("lab host set-up");
+            ip(step).expect("lab host set-up");
         }
         host
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.bridge]);
     }
 }

@@ -30,6 +30,10 @@ pub struct Redis {
     child: Option<Child>,
     /// Data directory, when persistence is on (removed on drop).
     dir: Option<std::path::PathBuf>,
+    /// Address it binds (loopback unless it runs on a lab host).
+    pub host: String,
+    /// Network namespace it runs in, if any.
+    netns: Option<String>,
 }
 
 impl Redis {
@@ -38,6 +42,21 @@ impl Redis {
             port: free_port(),
             child: None,
             dir: None,
+            host: "127.0.0.1".into(),
+            netns: None,
+        };
+        r.spawn();
+        r
+    }
+
+    /// A Redis on a lab host: inside network namespace `netns`, bound to `host`.
+    pub fn start_in(netns: &str, host: &str) -> Self {
+        let mut r = Redis {
+            port: free_port(),
+            child: None,
+            dir: None,
+            host: host.into(),
+            netns: Some(netns.into()),
         };
         r.spawn();
         r
@@ -49,6 +68,8 @@ impl Redis {
             port,
             child: None,
             dir: None,
+            host: "127.0.0.1".into(),
+            netns: None,
         };
         r.spawn();
         r
@@ -66,6 +87,8 @@ impl Redis {
             port,
             child: None,
             dir: Some(dir),
+            host: "127.0.0.1".into(),
+            netns: None,
         };
         r.spawn();
         r
@@ -73,11 +96,12 @@ impl Redis {
 
     fn spawn(&mut self) {
         let port = self.port.to_string();
+        let host = self.host.clone();
         let mut args = vec![
             "--port",
             &port,
             "--bind",
-            "127.0.0.1",
+            host.as_str(),
             "--save",
             "",
             "--protected-mode",
@@ -95,7 +119,15 @@ impl Redis {
             ]),
             None => args.extend(["--appendonly", "no"]),
         }
-        let child = Command::new("redis-server")
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "redis-server"]);
+                c
+            }
+            None => Command::new("redis-server"),
+        };
+        let child = cmd
             .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -117,7 +149,7 @@ impl Redis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("redis://{}:{}", self.host, self.port)
     }
 
     /// SIGKILL, like a crash.
@@ -216,7 +248,29 @@ impl Gateway {
 
     /// Starts, or returns the exit status and stderr of a process that refused to start.
     pub fn try_start(env: &[(&str, &str)]) -> Result<Self, (Option<i32>, String)> {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sse-gateway"));
+        Self::try_start_in(None, env)
+    }
+
+    /// Starts with the test secret inside network namespace `netns` (a lab host).
+    pub fn start_in(netns: &str, env: &[(&str, &str)]) -> Self {
+        let mut all = vec![("SSE_GATEWAY_JWT_SECRET", SECRET)];
+        all.extend_from_slice(env);
+        Self::try_start_in(Some(netns), &all).expect("gateway starts")
+    }
+
+    fn try_start_in(
+        netns: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Result<Self, (Option<i32>, String)> {
+        let binary = env!("CARGO_BIN_EXE_sse-gateway");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, binary]);
+                c
+            }
+            None => Command::new(binary),
+        };
         for (k, _) in std::env::vars() {
             if k.starts_with("SSE_GATEWAY_") {
                 cmd.env_remove(k);
