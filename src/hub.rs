@@ -21,6 +21,9 @@ use crate::metrics as m;
 
 const SHARDS: usize = 64;
 
+const SHUTDOWN_DRAIN: u8 = 1;
+const SHUTDOWN_LEASE_LOST: u8 = 2;
+
 /// One frame waiting in a stream's queue, with when the replica received its event.
 #[derive(Debug, Clone)]
 pub struct Queued {
@@ -191,14 +194,30 @@ impl Subscriber {
         self.waker.register(waker);
     }
 
-    /// Whether the drain asked this stream to end.
+    /// Whether the drain (or the loss of this replica's lease) asked this stream to end.
     pub fn shutdown_requested(&self) -> bool {
         self.shutdown.load(Ordering::Acquire) != 0
     }
 
+    /// Why the stream was asked to end: the `reason` of its `gateway.shutdown`, and the
+    /// `connections_closed_total` reason.
+    pub fn shutdown_reason(&self) -> (&'static str, CloseReason) {
+        match self.shutdown.load(Ordering::Acquire) {
+            SHUTDOWN_LEASE_LOST => ("redis_unavailable", CloseReason::Error),
+            _ => ("shutdown", CloseReason::Shutdown),
+        }
+    }
+
     /// Asks the stream to send `gateway.shutdown` and end.
     pub fn request_shutdown(&self) {
-        self.shutdown.store(1, Ordering::Release);
+        self.shutdown.store(SHUTDOWN_DRAIN, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Asks the stream to end because this replica lost its per-user lease (Redis out of
+    /// reach for a lease): its slot may be given to a stream elsewhere.
+    pub fn request_close_lease_lost(&self) {
+        self.shutdown.store(SHUTDOWN_LEASE_LOST, Ordering::Release);
         self.waker.wake();
     }
 

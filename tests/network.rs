@@ -211,3 +211,76 @@ async fn redis_cut_off_from_every_replica_for_ten_seconds_loses_nothing_durable(
     }
     eprintln!("both replicas ready {ready:?} after the heal");
 }
+
+/// Whether the stream has ended, without waiting for more than a moment.
+async fn ended(c: &mut SseClient) -> bool {
+    c.closed || c.wait_closed(Duration::from_millis(20)).await
+}
+
+#[tokio::test]
+async fn a_replica_cut_off_from_redis_past_its_lease_never_lets_a_user_exceed_the_limit() {
+    let Some(lab) = lab_or_skip() else { return };
+    let r = lab.host();
+    let a = lab.host();
+    let b = lab.host();
+    let redis = Redis::start_in(&r.ns, &r.addr.to_string());
+    let settings = [
+        ("SSE_GATEWAY_CONNECTION_LEASE_SECS", "4"),
+        ("SSE_GATEWAY_MAX_CONNECTIONS_PER_USER", "1"),
+    ];
+    let gw_a = replica(&a, &redis, &settings);
+    let gw_b = replica(&b, &redis, &settings);
+    gw_a.wait_ready(true, T).await;
+    gw_b.wait_ready(true, T).await;
+    let tok = client_token("lee", &["fence"]);
+    let mut on_a = vec![
+        SseClient::open(gw_a.client, "/events?channel=fence", Some(&tok))
+            .await
+            .unwrap(),
+    ];
+    let mut on_b: Vec<SseClient> = Vec::new();
+    let mut most = 0;
+    let mut check = |open: usize, phase: &str| {
+        most = most.max(open);
+        assert!(open <= 1, "the user holds {open} streams at once ({phase})");
+    };
+    // Counted from the clients' side: a stream is live until its client sees it end.
+    async fn live(streams: &mut [SseClient]) -> usize {
+        let mut n = 0;
+        for s in streams.iter_mut() {
+            if !ended(s).await {
+                n += 1;
+            }
+        }
+        n
+    }
+    netlab::partition(&a, &r);
+    let cut = std::time::Instant::now();
+    // Clients keep trying both replicas for three leases; B admits once A's lease is gone.
+    while cut.elapsed() < Duration::from_secs(12) {
+        let open = live(&mut on_a).await + live(&mut on_b).await;
+        check(open, "during the partition");
+        if let Ok(s) = SseClient::open(gw_b.client, "/events?channel=fence", Some(&tok)).await {
+            on_b.push(s);
+        }
+        if let Ok(s) = SseClient::open(gw_a.client, "/events?channel=fence", Some(&tok)).await {
+            on_a.push(s);
+        }
+        let open = live(&mut on_a).await + live(&mut on_b).await;
+        check(open, "during the partition");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(live(&mut on_b).await, 1, "B never took the user over");
+    netlab::heal(&a, &r);
+    gw_a.wait_ready(true, Duration::from_secs(15)).await;
+    let healed = std::time::Instant::now();
+    while healed.elapsed() < Duration::from_secs(4) {
+        if let Ok(s) = SseClient::open(gw_a.client, "/events?channel=fence", Some(&tok)).await {
+            on_a.push(s);
+        }
+        let open = live(&mut on_a).await + live(&mut on_b).await;
+        check(open, "after the heal");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(most, 1);
+}

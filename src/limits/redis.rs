@@ -61,6 +61,8 @@ struct Inner {
     reconcile_now: Arc<tokio::sync::Notify>,
     /// Until when this replica's own lease is known to hold (local clock, with a margin).
     valid_until: Mutex<Option<Instant>>,
+    /// Whether the lease was ever renewed (before that, no stream was admitted).
+    registered: std::sync::atomic::AtomicBool,
     /// Slots this replica holds: sub -> stream ids (ascending = oldest first).
     held: Mutex<HashMap<String, BTreeSet<u64>>>,
     /// Releases that could not reach Redis yet.
@@ -129,6 +131,7 @@ impl RedisLimiter {
             lapses: std::sync::atomic::AtomicU64::new(0),
             reconcile_now: Arc::new(tokio::sync::Notify::new()),
             valid_until: Mutex::new(None),
+            registered: std::sync::atomic::AtomicBool::new(false),
             held: Mutex::new(HashMap::new()),
             pending_release: Mutex::new(Vec::new()),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
@@ -139,6 +142,7 @@ impl RedisLimiter {
             read_leases: Script::new(include_str!("leases.lua")),
         });
         tokio::spawn(upkeep(Arc::downgrade(&inner)));
+        tokio::spawn(fence(Arc::downgrade(&inner)));
         tokio::spawn(reconcile(
             Arc::downgrade(&inner),
             inner.reconcile_now.clone(),
@@ -321,6 +325,7 @@ impl Inner {
         };
         // Others see this lease end at Redis-now + lease; keep a margin for the round trip.
         *lock(&self.valid_until) = Some(sent + self.lease.mul_f64(0.9));
+        self.registered.store(true, Ordering::Release);
         tracing::debug!(prev, now, "lease registry read");
         Ok(prev < now)
     }
@@ -468,6 +473,64 @@ fn pairs(values: &[Value]) -> Vec<(String, i64)> {
         }
     }
     out
+}
+
+/// Closes every stream of this replica the moment its lease can no longer be vouched for
+/// (local clock, a tenth of a lease before Redis lets the lease pass): other replicas may then
+/// give these users' slots to new streams, and a user must never hold more than the limit at
+/// once, counted from the clients' side. Streams get `gateway.shutdown` (reason
+/// `redis_unavailable`, with `retry:`) and are cut shortly after if they cannot take it.
+async fn fence(weak: std::sync::Weak<Inner>) {
+    const EVERY: Duration = Duration::from_millis(200);
+    let mut acted_on: Option<Option<Instant>> = None;
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let until = *lock(&inner.valid_until);
+        let now = Instant::now();
+        let lapsed = match until {
+            Some(t) => now >= t,
+            None => inner.registered.load(Ordering::Acquire),
+        };
+        if lapsed && acted_on != Some(until) {
+            acted_on = Some(until);
+            inner.close_all_streams();
+        }
+        let wait = match until {
+            Some(t) if t > now => (t - now).min(EVERY),
+            _ => EVERY,
+        };
+        drop(inner);
+        tokio::time::sleep(wait).await;
+    }
+}
+
+impl Inner {
+    fn close_all_streams(&self) {
+        let streams = self.hub.streams();
+        if streams.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            streams = streams.len(),
+            "this replica could not renew its per-user lease in Redis in time (SSE_GATEWAY_CONNECTION_LEASE_SECS): closing its streams so that no user exceeds the limit while other replicas take their slots; clients reconnect to a ready replica"
+        );
+        for sub in &streams {
+            sub.request_close_lease_lost();
+        }
+        let grace = self
+            .lease
+            .mul_f64(0.05)
+            .clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let hub = self.hub.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            for sub in streams {
+                if hub.stream(sub.id).is_some() {
+                    sub.kill(CloseReason::Error);
+                }
+            }
+        });
+    }
 }
 
 /// Re-asserts this replica's slots after a lapse (woken by the upkeep) and every two leases

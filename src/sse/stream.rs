@@ -309,8 +309,9 @@ impl Body for SseStream {
         }
         this.guard.sub.register_waker(cx.waker());
         if this.guard.sub.shutdown_requested() {
-            let goodbye = this.goodbye("shutdown");
-            return this.finish(CloseReason::Shutdown, goodbye);
+            let (why, reason) = this.guard.sub.shutdown_reason();
+            let goodbye = this.goodbye(why);
+            return this.finish(reason, goodbye);
         }
         // Deadlines before data: a backlog never pushes back expiry, maximum age or a
         // heartbeat (SPEC §6.2).
