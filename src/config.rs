@@ -181,6 +181,11 @@ pub struct Settings {
     /// Seconds between checks that the Redis subscription still delivers.
     #[arg(long, env = "SSE_GATEWAY_REDIS_PROBE_SECS", default_value_t = 5)]
     pub redis_probe_secs: u64,
+    /// `host:port` where other replicas and `inspect` reach this replica's admin port
+    /// (Kubernetes: the pod IP) [default: the admin listen address, or this host's first
+    /// non-loopback address with its port when that is unspecified].
+    #[arg(long, env = "SSE_GATEWAY_ADMIN_ADVERTISE")]
+    pub admin_advertise: Option<String>,
     /// Bearer token that `/connections`, `/channels` and `/rejections` require (they name users,
     /// channels and client addresses); `/metrics`, `/healthz`, `/readyz` never need it.
     #[arg(long, env = "SSE_GATEWAY_ADMIN_TOKEN", hide_env_values = true)]
@@ -325,6 +330,8 @@ pub struct Config {
     pub write_timeout: Duration,
     /// Token the admin port's listings require.
     pub admin_token: Option<AdminToken>,
+    /// Where others reach the admin port, when set.
+    pub admin_advertise: Option<String>,
     /// Concurrent handshakes allowed.
     pub max_pending_handshakes: usize,
 }
@@ -610,11 +617,56 @@ impl Settings {
                 HOUR,
             )?,
             admin_token: AdminToken::from_setting(self.admin_token.as_deref()),
+            admin_advertise: match self.admin_advertise.filter(|a| !a.trim().is_empty()) {
+                None => None,
+                Some(a) => Some(validate_advertise(a.trim())?),
+            },
             max_pending_handshakes: positive(
                 "SSE_GATEWAY_MAX_PENDING_HANDSHAKES",
                 self.max_pending_handshakes as u64,
             )? as usize,
         })
+    }
+}
+
+/// `host:port` with a non-empty host and a port that is not 0.
+fn validate_advertise(value: &str) -> Result<String, ConfigError> {
+    let ok = value.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && !host.contains(char::is_whitespace)
+            && port.parse::<u16>().is_ok_and(|p| p != 0)
+    });
+    if ok {
+        Ok(value.to_string())
+    } else {
+        Err(bad(
+            "SSE_GATEWAY_ADMIN_ADVERTISE",
+            format!("{value:?} is not host:port (example: 10.1.2.3:9090)"),
+        ))
+    }
+}
+
+/// Where other replicas and `inspect` reach an admin port bound to `bound`: the configured
+/// address, else `bound` itself, else (bound to an unspecified address) this host's first
+/// non-loopback address with the bound port.
+pub fn admin_advertise(configured: Option<&str>, bound: SocketAddr) -> String {
+    if let Some(a) = configured {
+        return a.to_string();
+    }
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    let first = if_addrs::get_if_addrs().ok().and_then(|ifs| {
+        let usable = |i: &&if_addrs::Interface| !i.is_loopback() && !i.is_link_local();
+        ifs.iter()
+            .filter(usable)
+            .find(|i| i.ip().is_ipv4() == bound.is_ipv4())
+            .or_else(|| ifs.iter().find(usable))
+            .map(|i| i.ip())
+    });
+    match first {
+        Some(ip) => SocketAddr::new(ip, bound.port()).to_string(),
+        None => bound.to_string(),
     }
 }
 
@@ -678,6 +730,17 @@ mod tests {
     }
 
     #[test]
+    fn the_admin_port_is_advertised_where_others_can_reach_it() {
+        let bound: SocketAddr = "127.0.0.1:9090".parse().unwrap();
+        assert_eq!(admin_advertise(None, bound), "127.0.0.1:9090");
+        assert_eq!(admin_advertise(Some("pod:9090"), bound), "pod:9090");
+        let any: SocketAddr = "0.0.0.0:9091".parse().unwrap();
+        let picked: SocketAddr = admin_advertise(None, any).parse().unwrap();
+        assert_eq!(picked.port(), 9091);
+        assert!(!picked.ip().is_loopback() || picked.ip().is_unspecified());
+    }
+
+    #[test]
     fn huge_timings_are_refused_not_overflowed() {
         for flag in [
             "--heartbeat-secs",
@@ -737,5 +800,11 @@ mod tests {
             .into_config()
             .unwrap_err();
         assert_eq!(e.setting, "SSE_GATEWAY_CORS_ORIGINS");
+        for bad in ["10.0.0.1", "10.0.0.1:0", ":9090", "a b:1"] {
+            let e = settings(&["--admin-advertise", bad])
+                .into_config()
+                .unwrap_err();
+            assert_eq!(e.setting, "SSE_GATEWAY_ADMIN_ADVERTISE", "{bad}");
+        }
     }
 }

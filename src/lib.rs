@@ -110,7 +110,8 @@ pub async fn run(
     let hub = Arc::new(hub::Hub::new());
     let verifier = auth::Verifier::new(&config)?;
     let replica_id = format!("{:016x}", rand::random::<u64>());
-    let backends = broker::from_config(&config, hub.clone(), admin_addr.to_string(), &replica_id)?;
+    let advertised = config::admin_advertise(config.admin_advertise.as_deref(), admin_addr);
+    let backends = broker::from_config(&config, hub.clone(), advertised.clone(), &replica_id)?;
     if config.single_replica() {
         tracing::warn!("SSE_GATEWAY_REDIS_URL is unset: single-replica mode with an in-process broker; do not run more than one replica like this");
     }
@@ -142,7 +143,7 @@ pub async fn run(
         exporter,
         stop.clone(),
     ));
-    tracing::info!(client = %client_addr, admin = %admin_addr, replica = %replica_id, "listening");
+    tracing::info!(client = %client_addr, admin = %admin_addr, advertised = %advertised, replica = %replica_id, "listening");
 
     shutdown.await;
     shutdown::drain(&state).await;

@@ -284,3 +284,72 @@ async fn a_replica_cut_off_from_redis_past_its_lease_never_lets_a_user_exceed_th
     }
     assert_eq!(most, 1);
 }
+
+fn inspect_user(redis: &Redis, user: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
+        .args(["inspect", "--user", user, "--details"])
+        .env("SSE_GATEWAY_REDIS_URL", redis.url())
+        .output()
+        .expect("sse-gateway inspect");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn inspect_across_hosts_names_the_replica_of_every_stream_and_a_paused_one_as_gone() {
+    let Some(lab) = lab_or_skip() else { return };
+    let r = lab.host();
+    let a = lab.host();
+    let b = lab.host();
+    let redis = Redis::start_in(&r.ns, &r.addr.to_string());
+    // Admin ports bound to every address, as in a pod: each replica must advertise its own.
+    let settings = [
+        ("SSE_GATEWAY_ADMIN_LISTEN", "0.0.0.0:0"),
+        ("SSE_GATEWAY_CONNECTION_LEASE_SECS", "3"),
+    ];
+    let url = redis.url();
+    let start = |host: &netlab::Host| {
+        let listen = format!("{}:0", host.addr);
+        let mut env = vec![
+            ("SSE_GATEWAY_REDIS_URL", url.as_str()),
+            ("SSE_GATEWAY_LISTEN", listen.as_str()),
+        ];
+        env.extend_from_slice(&settings);
+        Gateway::start_in(&host.ns, &env)
+    };
+    let gw_a = start(&a);
+    let gw_b = start(&b);
+    assert_eq!(gw_a.admin.ip(), std::net::IpAddr::V4(a.addr));
+    assert_eq!(gw_b.admin.ip(), std::net::IpAddr::V4(b.addr));
+    gw_a.wait_ready(true, T).await;
+    gw_b.wait_ready(true, T).await;
+    let tok = client_token("max", &["where"]);
+    let mut on_a = SseClient::open(gw_a.client, "/events?channel=where", Some(&tok))
+        .await
+        .unwrap();
+    let mut on_b = SseClient::open(gw_b.client, "/events?channel=where", Some(&tok))
+        .await
+        .unwrap();
+    on_a.wait_id(T).await;
+    on_b.wait_id(T).await;
+    let report = inspect_user(&redis, "max");
+    for (gw, host) in [(&gw_a, &a), (&gw_b, &b)] {
+        let line = report
+            .lines()
+            .find(|l| l.contains(&format!("(admin {})", gw.admin)))
+            .unwrap_or_else(|| panic!("no replica at {} in:\n{report}", gw.admin));
+        assert!(line.contains("live"), "{line}\n{report}");
+        let _ = host;
+    }
+    let connections = report.lines().filter(|l| l.contains("connection ")).count();
+    assert_eq!(connections, 2, "each replica lists its stream:\n{report}");
+    // B freezes past its lease: reported as gone, not as live.
+    gw_b.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let report = inspect_user(&redis, "max");
+    gw_b.signal("CONT");
+    let line = report
+        .lines()
+        .find(|l| l.contains(&format!("(admin {})", gw_b.admin)))
+        .unwrap_or_else(|| panic!("no replica at {} in:\n{report}", gw_b.admin));
+    assert!(line.contains("EXPIRED"), "{line}\n{report}");
+}

@@ -310,9 +310,12 @@ impl Gateway {
                 for line in BufReader::new(err).lines().map_while(Result::ok) {
                     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                         if v["message"] == "listening" {
+                            // Where others reach the admin port (the bound address unless
+                            // that is unspecified).
+                            let admin = v["advertised"].as_str().or(v["admin"].as_str());
                             let _ = tx.send((
                                 v["client"].as_str().unwrap_or("").to_string(),
-                                v["admin"].as_str().unwrap_or("").to_string(),
+                                admin.unwrap_or("").to_string(),
                             ));
                         }
                     }
