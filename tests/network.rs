@@ -353,3 +353,111 @@ async fn inspect_across_hosts_names_the_replica_of_every_stream_and_a_paused_one
         .unwrap_or_else(|| panic!("no replica at {} in:\n{report}", gw_b.admin));
     assert!(line.contains("EXPIRED"), "{line}\n{report}");
 }
+
+/// Publishes 4 KiB events on `channel` about 25 times a second (800 kbit/s) until `stop`.
+fn busy_channel(
+    client: std::net::SocketAddr,
+    channel: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let tok = publisher_token();
+        let pad = "p".repeat(4096);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let body = serde_json::json!({"channel": channel, "data": pad});
+            let _ = publish_to(client, &tok, &body).await;
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+    })
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_client_on_a_thin_link_is_cut_as_a_slow_consumer_with_bounded_memory() {
+    let Some(lab) = lab_or_skip() else { return };
+    let mut phone = lab.host();
+    phone.cap_kbit(64);
+    let listen = format!("{}:0", lab.root);
+    let gw = Gateway::start(&[
+        ("SSE_GATEWAY_LISTEN", &listen),
+        ("SSE_GATEWAY_CLIENT_QUEUE", "64"),
+    ]);
+    let tok = client_token("nan", &["thin"]);
+    let auth = format!("Authorization: Bearer {tok}");
+    let url = format!("http://{}/events?channel=thin", gw.client);
+    phone.spawn("curl", &["-sN", "-o", "/dev/null", "-H", &auth, &url]);
+    let start = std::time::Instant::now();
+    while gw.metric("sse_gateway_connections").await != 1.0 {
+        assert!(start.elapsed() < T, "the phone's stream never opened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = rss_kib(gw.pid());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publishing = busy_channel(gw.client, "thin", stop.clone());
+    let metric = "sse_gateway_connections_closed_total{reason=\"slow_consumer\"}";
+    let mut peak = before;
+    while gw.metric(metric).await != 1.0 {
+        peak = peak.max(rss_kib(gw.pid()));
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "a 64 kbit/s client on an 800 kbit/s channel was never cut"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    publishing.await.unwrap();
+    // Its queue holds 64 frames of about 4 KiB: nothing near the channel's whole backlog.
+    let grown = peak.saturating_sub(before);
+    assert!(
+        grown < 8 * 1024,
+        "the replica grew by {grown} KiB for one slow client"
+    );
+    eprintln!(
+        "thin client cut after {:?}; RSS grew {grown} KiB",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_client_on_a_thin_link_still_loses_its_stream_at_token_expiry() {
+    let Some(lab) = lab_or_skip() else { return };
+    let mut phone = lab.host();
+    phone.cap_kbit(64);
+    let listen = format!("{}:0", lab.root);
+    let gw = Gateway::start(&[
+        ("SSE_GATEWAY_LISTEN", &listen),
+        ("SSE_GATEWAY_CLIENT_QUEUE", "100000"),
+    ]);
+    let exp = now() + 5;
+    let tok = token(serde_json::json!({"sub": "ola", "exp": exp, "channels": ["thin"]}));
+    let auth = format!("Authorization: Bearer {tok}");
+    let url = format!("http://{}/events?channel=thin", gw.client);
+    phone.spawn("curl", &["-sN", "-o", "/dev/null", "-H", &auth, &url]);
+    let start = std::time::Instant::now();
+    while gw.metric("sse_gateway_connections").await != 1.0 {
+        assert!(start.elapsed() < T, "the phone's stream never opened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publishing = busy_channel(gw.client, "thin", stop.clone());
+    let metric = "sse_gateway_connections_closed_total{reason=\"token_expired\"}";
+    while gw.metric(metric).await != 1.0 {
+        assert!(
+            now() <= exp + 2,
+            "a client behind on a thin link kept its stream past its token"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    publishing.await.unwrap();
+}
