@@ -545,6 +545,16 @@ impl Manager {
                 epoch: ANY_EPOCH.to_string(),
                 pos: since,
             });
+            if from.epoch != ANY_EPOCH {
+                // The last event delivered here may be missing from the history now (a
+                // failover to a replica that had not received it): record that, so that older
+                // cursors resume with a gap instead of silently missing it.
+                if let Err(e) = history.mark_lost(channel.clone(), from.clone()).await {
+                    tracing::warn!(
+                        "checking the history for lost events after the outage failed: {e}"
+                    );
+                }
+            }
             let mut first = true;
             loop {
                 let page = match history

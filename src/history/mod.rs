@@ -141,6 +141,17 @@ pub trait History: Send + Sync + 'static {
         limit: usize,
         max_bytes: usize,
     ) -> BoxFuture<'static, Result<Page, HistoryError>>;
+    /// Records that `mark`, a durable event this replica delivered live, is beyond the end of
+    /// `channel`'s history (it lost its tail in a failover), so that every older cursor resumes
+    /// with a gap instead of silently missing it. Only history that can lose writes needs it.
+    fn mark_lost(
+        &self,
+        channel: String,
+        mark: Mark,
+    ) -> BoxFuture<'static, Result<(), HistoryError>> {
+        let _ = (channel, mark);
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Events per page when replaying.

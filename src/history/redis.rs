@@ -200,6 +200,7 @@ struct Inner {
     ttl_ms: String,
     max_bytes: String,
     after: Script,
+    lost: Script,
 }
 
 /// The name of the durable-publish function for a channel prefix: `sse_publish` for `sse:`.
@@ -235,6 +236,7 @@ impl RedisHistory {
             ttl_ms: config.history_ttl.as_millis().to_string(),
             max_bytes: config.max_event_bytes.to_string(),
             after: Script::new(include_str!("after.lua")),
+            lost: Script::new(include_str!("lost.lua")),
         }))
     }
 
@@ -291,6 +293,41 @@ impl Inner {
 }
 
 impl History for RedisHistory {
+    fn mark_lost(
+        &self,
+        channel: String,
+        mark: Mark,
+    ) -> BoxFuture<'static, Result<(), HistoryError>> {
+        let this = self.0.clone();
+        async move {
+            let mut invocation = this.lost.key(this.key(&channel, "history"));
+            invocation
+                .key(this.key(&channel, "epoch"))
+                .key(this.key(&channel, "trimmed"))
+                .arg(&mark.epoch)
+                .arg(mark.pos.to_string());
+            let work = async {
+                let mut conn = this.pool.get().await.map_err(err)?;
+                invocation
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+                    .map_err(err)
+            };
+            let recorded = timeout(COMMAND_TIMEOUT, work)
+                .await
+                .map_err(|_| err("recording a lost position timed out"))??;
+            if recorded == 1 {
+                tracing::warn!(
+                    channel,
+                    position = %mark.pos,
+                    "the channel's history lost durable events this replica had delivered (a failover to a replica that had not received them): older cursors now resume with gateway.gap"
+                );
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
     fn append(
         &self,
         channel: String,
