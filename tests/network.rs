@@ -518,11 +518,8 @@ async fn a_sentinel_failover_away_from_a_silently_cut_master_loses_nothing_unann
         "redis-server",
         &sargs.iter().map(String::as_str).collect::<Vec<_>>(),
     );
-    let dir = std::env::temp_dir().join(format!(
-        "sse-gateway-netlab-sentinel-{}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch::new("sentinel");
+    let dir = scratch.0.clone();
     let sentinel_ports = [26380u16, 26381, 26382];
     for sp in sentinel_ports {
         let conf = dir.join(format!("sentinel-{sp}.conf"));
@@ -675,5 +672,25 @@ async fn a_sentinel_failover_away_from_a_silently_cut_master_loses_nothing_unann
         ],
         "{replay:?}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A temporary folder removed on drop, even when the test fails.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(what: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "sse-gateway-netlab-{what}-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
