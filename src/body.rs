@@ -23,6 +23,25 @@ impl GatewayBody {
     pub fn text(s: impl Into<Bytes>) -> Self {
         GatewayBody::Full(Full::new(s.into()))
     }
+
+    /// For a stream whose write starts waiting at `since`: when the write must have made
+    /// progress, and why the stream ends if it has not (see `SseStream::write_deadline`).
+    pub fn write_deadline(
+        &self,
+        since: tokio::time::Instant,
+    ) -> Option<(tokio::time::Instant, crate::hub::CloseReason)> {
+        match self {
+            GatewayBody::Stream(s) => Some(s.write_deadline(since)),
+            GatewayBody::Full(_) => None,
+        }
+    }
+
+    /// Records why a stream ends (the first reason recorded wins).
+    pub fn close_as(&self, reason: crate::hub::CloseReason) {
+        if let GatewayBody::Stream(s) = self {
+            s.close_as(reason);
+        }
+    }
 }
 
 impl Body for GatewayBody {

@@ -24,7 +24,7 @@ use crate::body::GatewayBody;
 use crate::router;
 use crate::server::ConnInfo;
 use crate::state::AppState;
-use crate::watchdog::Watch;
+use tokio::time::Instant;
 
 /// Largest request head the lean path reads before handing over to hyper.
 const MAX_HEAD: usize = 64 * 1024;
@@ -155,7 +155,6 @@ where
         out.extend_from_slice(&body);
         return io.write_all(&out).await;
     }
-    let watch = Watch::current();
     let head = Bytes::from(head(&response, "transfer-encoding: chunked\r\n"));
     let mut body = response.into_body();
     let mut pending: Option<Bytes> = Some(head);
@@ -184,15 +183,29 @@ where
                         }
                         None => size,
                     };
-                    // Size line, data and CRLF in one vectored write; every bit the socket takes
-                    // counts as progress for the stream's write deadline.
+                    // Size line, data and CRLF in one vectored write. A write the socket does
+                    // not take at once is raced against the stream's deadlines (SPEC §6.2):
+                    // no bytes for SSE_GATEWAY_WRITE_TIMEOUT_SECS, or its token's expiry (or
+                    // maximum age) passing while it is blocked, cut it. The timer is only
+                    // armed when the write has to wait.
                     let mut chunk = prefix.chain(data).chain(&b"\r\n"[..]);
                     while chunk.has_remaining() {
-                        if io.write_buf(&mut chunk).await? == 0 {
+                        let Some((at, reason)) = body.write_deadline(Instant::now()) else {
+                            return Err(io::ErrorKind::Other.into());
+                        };
+                        let n = tokio::select! {
+                            biased;
+                            n = io.write_buf(&mut chunk) => n?,
+                            _ = tokio::time::sleep_until(at) => {
+                                body.close_as(reason);
+                                return Err(io::Error::new(
+                                    io::ErrorKind::TimedOut,
+                                    "the client's socket took no bytes before the stream's deadline",
+                                ));
+                            }
+                        };
+                        if n == 0 {
                             return Err(io::ErrorKind::WriteZero.into());
-                        }
-                        if let Some(watch) = &watch {
-                            watch.progress();
                         }
                     }
                 }
@@ -214,9 +227,7 @@ where
         // TCP_USER_TIMEOUT (= SSE_GATEWAY_WRITE_TIMEOUT_SECS): the socket took no bytes. Said
         // before the body (and with it the stream's guard) drops.
         if e.kind() == io::ErrorKind::TimedOut {
-            if let Some(watch) = &watch {
-                watch.record(crate::hub::CloseReason::SlowConsumer);
-            }
+            body.close_as(crate::hub::CloseReason::SlowConsumer);
         }
     }
     drop(body);

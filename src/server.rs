@@ -169,16 +169,22 @@ where
     match Box::pin(h1stream::classify(&mut io, state.config.header_timeout)).await {
         Start::Closed => {}
         Start::Stream(req) => {
-            let watch = Watch::new(conn_info.kill.clone());
-            let served = watch.guard(h1stream::serve(io, req, state, conn_info));
-            if served.await.is_none() {
-                tracing::debug!("connection cut by the gateway");
+            // The lean path enforces its deadlines in its own write loop (no watch needed).
+            let cut = conn_info.kill.clone();
+            tokio::select! {
+                _ = h1stream::serve(io, req, state, conn_info) => {}
+                _ = cut.cancelled() => tracing::debug!("connection cut by the gateway"),
             }
         }
         Start::Hyper(prefix) => {
             let h2 = prefix.starts_with(H2_PREFACE);
             let watch = Watch::new(conn_info.kill.clone());
-            let served = watch.guard(serve_hyper(Rewind::new(prefix, io), h2, state, conn_info));
+            let served = watch.guard(Box::pin(serve_hyper(
+                Rewind::new(prefix, io),
+                h2,
+                state,
+                conn_info,
+            )));
             if Box::pin(served).await.is_none() {
                 tracing::debug!("connection cut by the gateway");
             }

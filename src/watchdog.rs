@@ -1,19 +1,23 @@
-//! Deadlines that hold while a stream's writer is blocked (SPEC §6.2).
+//! Deadlines that hold while a stream's writer is blocked (SPEC §6.2), for streams served by
+//! hyper (HTTP/2, and HTTP/1.1 that does not take the lean path).
 //!
-//! A stream's body only runs when its writer asks for more bytes, and a writer whose socket
-//! (or HTTP/2 window) is full does not ask. So the token's `exp`, the stream's maximum age and
-//! the write-progress deadline cannot live in the body alone: each stream runs inside a
+//! A stream's body only runs when its writer asks for more bytes, and a writer whose HTTP/2
+//! window (or socket) is full does not ask. So the token's `exp`, the stream's maximum age and
+//! the write-progress deadline cannot live in the body alone: such a stream runs inside a
 //! [`Watch`] that races the stream's whole future against them and drops that future when one
-//! passes. Dropping is the cut: a lean HTTP/1.1 stream or a hyper HTTP/1.1 connection closes its
-//! socket; an HTTP/2 stream is reset (RST_STREAM) and its siblings on the connection live on.
+//! passes. Dropping is the cut: an HTTP/2 stream is reset (RST_STREAM) and its siblings on the
+//! connection live on; a hyper HTTP/1.1 connection closes. The lean HTTP/1.1 path needs no
+//! watch: its own write loop races a write that has to wait against the same deadlines
+//! (`SseStream::write_deadline`).
 //!
 //! Invariants:
-//! - Every stream runs inside exactly one watch: the connection's for HTTP/1.1, its own for each
-//!   HTTP/2 stream ([`StreamExecutor`] gives every HTTP/2 stream task a fresh watch).
-//! - The body reports progress each time it is polled, the lean writer after each partial write;
-//!   a stream is cut when nothing moved for `HEARTBEAT + WRITE_TIMEOUT` (an idle healthy stream
-//!   is polled at least every heartbeat), or one [`GRACE`] after its hard deadline (the body
-//!   itself ends the stream politely at the deadline whenever its writer is not blocked).
+//! - Every hyper-served stream runs inside exactly one watch: the connection's for HTTP/1.1,
+//!   its own for each HTTP/2 stream ([`StreamExecutor`] gives every HTTP/2 stream task a fresh
+//!   watch, so the hub's slow-consumer cut resets that stream alone).
+//! - The body reports progress each time it is polled; a stream is cut when nothing moved for
+//!   `HEARTBEAT + WRITE_TIMEOUT` (an idle healthy stream is polled at least every heartbeat),
+//!   or one [`GRACE`] after its hard deadline (the body itself ends the stream politely at the
+//!   deadline whenever its writer is not blocked).
 //! - No timer per write: progress is an atomic store; the watch's one timer is re-armed only
 //!   when it fires or the stream is (dis)armed.
 
@@ -236,6 +240,10 @@ where
     fn execute(&self, fut: F) {
         let open = self.streams.enter();
         let watch = Watch::new(CancellationToken::new());
+        // Boxed before it is captured: a future captured by value is kept in the task's state
+        // for the task's whole life, beside whatever it is moved into (it doubled the memory
+        // of an HTTP/2 stream).
+        let fut = Box::pin(fut);
         tokio::spawn(
             async move {
                 let _open = open;

@@ -194,6 +194,25 @@ impl SseStream {
         }
     }
 
+    /// For a write that starts waiting at `since`: the moment it must have made progress by
+    /// (`SSE_GATEWAY_WRITE_TIMEOUT_SECS` later, or one `GRACE` past the stream's hard deadline,
+    /// whichever is first), and the close reason if it has not.
+    pub fn write_deadline(&self, since: Instant) -> (Instant, CloseReason) {
+        let stalled = since + self.lifetime.write_timeout;
+        let (hard, reason) = self.lifetime.hard();
+        let hard = hard + crate::watchdog::GRACE;
+        if stalled < hard {
+            (stalled, CloseReason::SlowConsumer)
+        } else {
+            (hard, reason)
+        }
+    }
+
+    /// Records why the stream ends (the first reason recorded wins).
+    pub fn close_as(&self, reason: CloseReason) {
+        self.guard.sub.set_close_reason(reason);
+    }
+
     /// `retry:` and `gateway.shutdown`: the last bytes of a stream the gateway closes on purpose.
     fn goodbye(&self, reason: &str) -> Bytes {
         let mut goodbye = BytesMut::new();
