@@ -41,20 +41,6 @@ pub struct Verifier {
     publisher: Validation,
 }
 
-/// Picks the decoding key and its single algorithm from a PEM public key.
-pub fn decoding_key_for_pem(pem: &[u8]) -> Result<(DecodingKey, Algorithm), String> {
-    if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
-        return Ok((k, Algorithm::RS256));
-    }
-    if let Ok(k) = DecodingKey::from_ec_pem(pem) {
-        return Ok((k, Algorithm::ES256));
-    }
-    if let Ok(k) = DecodingKey::from_ed_pem(pem) {
-        return Ok((k, Algorithm::EdDSA));
-    }
-    Err("not a PEM RSA, EC P-256 or Ed25519 public key".into())
-}
-
 impl Verifier {
     /// Builds the verifier from validated configuration.
     pub fn new(config: &Config) -> Result<Self, String> {
@@ -62,7 +48,7 @@ impl Verifier {
             JwtKey::Secret(s) | JwtKey::Development(s) => {
                 (DecodingKey::from_secret(s), Algorithm::HS256)
             }
-            JwtKey::PublicKeyPem(pem) => decoding_key_for_pem(pem)?,
+            JwtKey::PublicKeyPem(pem) => crate::config::decoding_key_for_pem(pem)?,
         };
         let base = |required: &[&str]| {
             let mut v = Validation::new(alg);
@@ -167,7 +153,7 @@ pub fn mint(
             (EncodingKey::from_secret(s), Algorithm::HS256)
         }
         (JwtKey::PublicKeyPem(public), Some(private)) => {
-            let (_, alg) = decoding_key_for_pem(public)?;
+            let (_, alg) = crate::config::decoding_key_for_pem(public)?;
             let key = match alg {
                 Algorithm::RS256 => EncodingKey::from_rsa_pem(private),
                 Algorithm::ES256 => EncodingKey::from_ec_pem(private),

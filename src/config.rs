@@ -432,7 +432,7 @@ impl Settings {
                         format!("cannot read {}: {e}", path.display()),
                     )
                 })?;
-                crate::auth::decoding_key_for_pem(&pem).map_err(|e| {
+                decoding_key_for_pem(&pem).map_err(|e| {
                     bad(
                         "SSE_GATEWAY_JWT_PUBLIC_KEY_FILE",
                         format!("{}: {e}", path.display()),
@@ -668,6 +668,23 @@ pub fn admin_advertise(configured: Option<&str>, bound: SocketAddr) -> String {
         Some(ip) => SocketAddr::new(ip, bound.port()).to_string(),
         None => bound.to_string(),
     }
+}
+
+/// Picks the decoding key and its single algorithm from a PEM public key.
+pub fn decoding_key_for_pem(
+    pem: &[u8],
+) -> Result<(jsonwebtoken::DecodingKey, jsonwebtoken::Algorithm), String> {
+    use jsonwebtoken::{Algorithm, DecodingKey};
+    if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
+        return Ok((k, Algorithm::RS256));
+    }
+    if let Ok(k) = DecodingKey::from_ec_pem(pem) {
+        return Ok((k, Algorithm::ES256));
+    }
+    if let Ok(k) = DecodingKey::from_ed_pem(pem) {
+        return Ok((k, Algorithm::EdDSA));
+    }
+    Err("not a PEM RSA, EC P-256 or Ed25519 public key".into())
 }
 
 fn validate_redis_url(url: String) -> Result<String, ConfigError> {

@@ -21,8 +21,8 @@ use http_body_util::{BodyExt, Empty};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::body::GatewayBody;
+use crate::conn::ConnInfo;
 use crate::router;
-use crate::server::ConnInfo;
 use crate::state::AppState;
 use tokio::time::Instant;
 

@@ -15,7 +15,8 @@
 //! # Module map
 //! - `config`: every setting (flag + env), validated once.
 //! - `auth`: JWT verification and minting; `channel`: names and grants.
-//! - `server`: accept loops; `h1stream`: the lean HTTP/1.1 path of `GET /events`;
+//! - `server`: accept loops; `conn`: the connection a request arrived on (a leaf, so the
+//!   handlers need not know the accept loops); `h1stream`: the lean HTTP/1.1 path of `GET /events`;
 //!   `router`: method + path; `request`: query and token extraction.
 //! - `sse`: `GET /events` (`mod`), the body state machine (`stream`), the encoder (`frame`).
 //! - `publish`: `POST /publish`; `event`: payload -> event.
@@ -26,6 +27,9 @@
 //! - `watchdog`: each stream's deadlines while its writer is blocked, and the per-stream task
 //!   (and cut) of every HTTP/2 stream.
 //! - `devmode`: what a plain start prints.
+//!
+//! `run` (with `backends`) is the one place that picks concrete backends (memory or Redis
+//! broker, history and limiter); files import each other without cycles (`tests/layers.rs`).
 
 pub mod auth;
 pub mod backend;
@@ -33,6 +37,7 @@ pub mod body;
 pub mod broker;
 pub mod channel;
 pub mod config;
+pub mod conn;
 pub mod cors;
 pub mod devmode;
 pub mod diagnostics;
@@ -60,8 +65,69 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::Broker;
 use crate::config::{Config, JwtKey};
+use crate::history::{memory::MemoryHistory, redis::RedisHistory, History};
+use crate::hub::Hub;
+use crate::limits::{memory::MemoryLimiter, redis::RedisLimiter, Limiter};
 use crate::state::AppState;
+
+/// The shared state a replica keeps outside itself: in memory, or in Redis.
+struct Backends {
+    /// Cross-replica event transport.
+    broker: Arc<dyn Broker>,
+    /// Per-user slots.
+    limiter: Arc<dyn Limiter>,
+    /// Durable events; `None` when `SSE_GATEWAY_HISTORY_SIZE` is 0.
+    history: Option<Arc<dyn History>>,
+}
+
+/// Builds the broker and the per-user limiter the configuration asks for.
+fn backends(
+    config: &Config,
+    hub: Arc<Hub>,
+    admin_addr: String,
+    replica_id: &str,
+) -> Result<Backends, String> {
+    let keep_history = config.history_size > 0;
+    match &config.redis_url {
+        None => Ok(Backends {
+            broker: Arc::new(broker::memory::MemoryBroker::new(
+                hub.clone(),
+                config.max_event_bytes,
+            )),
+            limiter: Arc::new(MemoryLimiter::new(config.max_connections_per_user)),
+            history: keep_history.then(|| {
+                MemoryHistory::new(
+                    config.history_size as usize,
+                    config.history_ttl,
+                    config.max_event_bytes,
+                    hub,
+                ) as Arc<dyn History>
+            }),
+        }),
+        Some(url) => {
+            let pool = crate::backend::Commands::new(
+                crate::backend::Topology::parse(url)
+                    .map_err(|e| format!("SSE_GATEWAY_REDIS_URL: {e}"))?,
+            );
+            let history = keep_history.then(|| RedisHistory::new(pool.clone(), config));
+            let broker = broker::redis::RedisBroker::start(
+                config,
+                hub.clone(),
+                pool.clone(),
+                history.clone(),
+            )?;
+            let limiter =
+                RedisLimiter::start(pool, config, hub, admin_addr, replica_id.to_string());
+            Ok(Backends {
+                broker: Arc::new(broker),
+                limiter: Arc::new(limiter),
+                history: history.map(|h| Arc::new(h) as Arc<dyn History>),
+            })
+        }
+    }
+}
 
 /// Listens with a deep accept queue (the kernel caps it at `net.core.somaxconn`): a burst of
 /// clients, such as a replica's streams moving after a deploy, waits in the queue instead of
@@ -111,7 +177,7 @@ pub async fn run(
     let verifier = auth::Verifier::new(&config)?;
     let replica_id = format!("{:016x}", rand::random::<u64>());
     let advertised = config::admin_advertise(config.admin_advertise.as_deref(), admin_addr);
-    let backends = broker::from_config(&config, hub.clone(), advertised.clone(), &replica_id)?;
+    let backends = backends(&config, hub.clone(), advertised.clone(), &replica_id)?;
     if config.single_replica() {
         tracing::warn!("SSE_GATEWAY_REDIS_URL is unset: single-replica mode with an in-process broker; do not run more than one replica like this");
     }

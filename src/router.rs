@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::server::ConnInfo;
+use crate::conn::ConnInfo;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Body;

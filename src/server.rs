@@ -18,23 +18,13 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::conn::ConnInfo;
 use crate::h1stream::{self, Rewind, Start};
 use crate::metrics::Exporter;
 use crate::router;
 use crate::state::AppState;
 use crate::tls::Tls;
 use crate::watchdog::{StreamExecutor, Watch};
-
-/// The HTTP connection a request arrived on.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    /// Connection id, on every log line about it.
-    pub id: u64,
-    /// The client's address.
-    pub remote: std::net::SocketAddr,
-    /// Cancels the whole connection (the slow-consumer cut).
-    pub kill: CancellationToken,
-}
 
 /// Largest HTTP/1.1 read or write buffer per connection (also bounds request headers).
 const MAX_BUF: usize = 64 * 1024;

@@ -20,9 +20,8 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
 use crate::event::parse_payload;
-use crate::history::{memory::MemoryHistory, redis::RedisHistory, Cursor, History, Mark};
+use crate::history::{Cursor, Mark};
 use crate::hub::{Durable, Hub, Queued};
-use crate::limits::{memory::MemoryLimiter, redis::RedisLimiter, Limiter};
 use crate::metrics as m;
 use crate::sse::frame;
 
@@ -137,57 +136,4 @@ pub fn dispatch_gap(hub: &Hub, channel: &str, mark: &Mark, gap: Bytes) {
             })),
         },
     );
-}
-
-/// The shared state a replica keeps outside itself: in memory, or in Redis.
-pub struct Backends {
-    /// Cross-replica event transport.
-    pub broker: Arc<dyn Broker>,
-    /// Per-user slots.
-    pub limiter: Arc<dyn Limiter>,
-    /// Durable events; `None` when `SSE_GATEWAY_HISTORY_SIZE` is 0.
-    pub history: Option<Arc<dyn History>>,
-}
-
-/// Builds the broker and the per-user limiter the configuration asks for.
-pub fn from_config(
-    config: &crate::config::Config,
-    hub: Arc<Hub>,
-    admin_addr: String,
-    replica_id: &str,
-) -> Result<Backends, String> {
-    let keep_history = config.history_size > 0;
-    match &config.redis_url {
-        None => Ok(Backends {
-            broker: Arc::new(memory::MemoryBroker::new(
-                hub.clone(),
-                config.max_event_bytes,
-            )),
-            limiter: Arc::new(MemoryLimiter::new(config.max_connections_per_user)),
-            history: keep_history.then(|| {
-                MemoryHistory::new(
-                    config.history_size as usize,
-                    config.history_ttl,
-                    config.max_event_bytes,
-                    hub,
-                ) as Arc<dyn History>
-            }),
-        }),
-        Some(url) => {
-            let pool = crate::backend::Commands::new(
-                crate::backend::Topology::parse(url)
-                    .map_err(|e| format!("SSE_GATEWAY_REDIS_URL: {e}"))?,
-            );
-            let history = keep_history.then(|| RedisHistory::new(pool.clone(), config));
-            let broker =
-                redis::RedisBroker::start(config, hub.clone(), pool.clone(), history.clone())?;
-            let limiter =
-                RedisLimiter::start(pool, config, hub, admin_addr, replica_id.to_string());
-            Ok(Backends {
-                broker: Arc::new(broker),
-                limiter: Arc::new(limiter),
-                history: history.map(|h| Arc::new(h) as Arc<dyn History>),
-            })
-        }
-    }
 }

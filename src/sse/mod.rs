@@ -14,8 +14,8 @@ use std::time::Duration;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use std::time::SystemTime;
 
+use crate::conn::ConnInfo;
 use crate::diagnostics::Rejection;
-use crate::server::ConnInfo;
 
 use crate::auth::now_secs;
 use crate::body::GatewayBody;
