@@ -196,6 +196,7 @@ where
     let streams = exec.streams();
     let header_timeout = state.config.header_timeout;
     let builder = builder(exec, state.config.heartbeat, header_timeout);
+    let drain = state.clone();
     let service = service_fn(move |req| {
         let state = state.clone();
         let conn_info = conn_info.clone();
@@ -211,7 +212,10 @@ where
         }
     };
     tokio::pin!(idle);
-    let mut closing = false;
+    // GOAWAY sent (or, for HTTP/1.1, no further request taken); `idle_close` also bounds how
+    // long a stream-less connection may take to finish.
+    let mut goaway = false;
+    let mut idle_close = false;
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -220,12 +224,19 @@ where
                 }
                 return;
             }
-            _ = idle.as_mut(), if !closing => {
+            _ = idle.as_mut(), if !goaway => {
                 tracing::debug!("HTTP/2 connection without a stream past SSE_GATEWAY_HEADER_TIMEOUT_SECS: closing");
-                closing = true;
+                goaway = true;
+                idle_close = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = tokio::time::sleep(header_timeout), if closing => return,
+            // The drain: clients learn at once that this connection takes no new streams, and
+            // the streams it carries end as the drain closes them.
+            _ = drain.draining_started(), if !goaway => {
+                goaway = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tokio::time::sleep(header_timeout), if idle_close => return,
         }
     }
 }

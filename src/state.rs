@@ -33,6 +33,9 @@ pub struct AppState {
     /// handshakes can cause).
     pub handshakes: tokio::sync::Semaphore,
     draining: AtomicBool,
+    /// Cancelled when the drain starts: hyper connections send GOAWAY (HTTP/2) or close after
+    /// their current response (HTTP/1.1).
+    drain_started: tokio_util::sync::CancellationToken,
     next_stream: AtomicU64,
 }
 
@@ -58,6 +61,7 @@ impl AppState {
             replica_id,
             rejections: Rejections::default(),
             draining: AtomicBool::new(false),
+            drain_started: tokio_util::sync::CancellationToken::new(),
             next_stream: AtomicU64::new(1),
         }
     }
@@ -70,6 +74,12 @@ impl AppState {
     /// Starts the drain: readiness off, new streams refused.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
+        self.drain_started.cancel();
+    }
+
+    /// Completes when the drain starts.
+    pub async fn draining_started(&self) {
+        self.drain_started.cancelled().await
     }
 
     /// Whether the load balancer should send new clients here.

@@ -78,3 +78,48 @@ async fn many_streams_share_one_http2_connection() {
         assert!(read_until(body, buf, b"data: again\n").await);
     }
 }
+
+#[tokio::test]
+async fn a_draining_replica_sends_goaway_so_http2_clients_open_new_streams_elsewhere() {
+    let gw = Gateway::start(&[("SSE_GATEWAY_DRAIN_SECS", "4")]);
+    let tcp = tokio::net::TcpStream::connect(gw.client).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake with prior knowledge");
+    tokio::spawn(conn);
+    let tok = client_token("alice", &["goaway"]);
+    let open = || {
+        hyper::Request::get(format!("http://{}/events?channel=goaway", gw.client))
+            .header("authorization", format!("Bearer {tok}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    // Several streams, so the drain (which closes them one after another over its window)
+    // keeps the connection busy for seconds.
+    let mut bodies = Vec::new();
+    for _ in 0..4 {
+        let r = sender.send_request(open()).await.expect("stream");
+        assert_eq!(r.status(), 200);
+        let mut body = r.into_body();
+        let mut buf = Vec::new();
+        assert!(read_until(&mut body, &mut buf, b"id:").await);
+        bodies.push((body, buf));
+    }
+    gw.signal("TERM");
+    gw.wait_ready(false, T).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The connection itself refuses new streams (GOAWAY) instead of answering each with 503,
+    // so a client or proxy opens them on another connection, to another replica.
+    match sender.send_request(open()).await {
+        Err(_) => {}
+        Ok(r) => panic!(
+            "a draining connection still took a new stream (status {})",
+            r.status()
+        ),
+    }
+    // The open streams still get their goodbye from the drain.
+    for (body, buf) in &mut bodies {
+        assert!(read_until(body, buf, b"gateway.shutdown").await);
+    }
+}
