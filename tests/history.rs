@@ -562,3 +562,76 @@ async fn a_resume_from_far_back_is_written_in_bounded_pages() {
         "peak RSS grew by {grown} KiB for 8 resuming clients"
     );
 }
+
+/// The history function (Lua) and the gateway (Rust) apply the same rules to channel names,
+/// event names and reserved payloads: whatever one accepts, the other does.
+#[tokio::test]
+async fn the_function_and_the_gateway_agree_on_every_rule() {
+    use sse_gateway::channel::{validate_name, MAX_CHANNEL_BYTES};
+    use sse_gateway::event::{validate_event_name, MAX_EVENT_NAME_BYTES, RESERVED_PREFIX};
+    let redis = Redis::start();
+    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);
+    gw.wait_ready(true, T).await;
+    let long = "c".repeat(MAX_CHANNEL_BYTES);
+    let too_long = "c".repeat(MAX_CHANNEL_BYTES + 1);
+    let channels = [
+        "orders",
+        "a",
+        "!~",
+        "with space",
+        "star*",
+        "com,ma",
+        "br{ace",
+        "br}ace",
+        "del\u{7f}",
+        "caf\u{e9}",
+        "tab\there",
+        &long,
+        &too_long,
+        "user:alice",
+        "x:y:z",
+    ];
+    for c in channels {
+        let rust = validate_name(c).is_ok();
+        let lua = fcall(&redis, c, "{\"data\":1}").is_ok();
+        assert_eq!(rust, lua, "channel {c:?}: gateway {rust}, function {lua}");
+    }
+    let name_ok = "e".repeat(MAX_EVENT_NAME_BYTES);
+    let name_long = "e".repeat(MAX_EVENT_NAME_BYTES + 1);
+    let reserved = format!("{RESERVED_PREFIX}x");
+    let events = [
+        "created",
+        &name_ok,
+        &name_long,
+        "cr\rhere",
+        "lf\nhere",
+        "nul\0here",
+        &reserved,
+        "gateway",
+        "Gateway.x",
+        "gatewayx",
+    ];
+    for e in events {
+        let rust = validate_event_name(e).is_ok();
+        let payload = serde_json::json!({"event": e, "data": 1}).to_string();
+        let lua = fcall(&redis, "events", &payload).is_ok();
+        assert_eq!(
+            rust, lua,
+            "event name {e:?}: gateway {rust}, function {lua}"
+        );
+    }
+    // Payloads that start with NUL are the gateway's own, on every path.
+    assert!(fcall(&redis, "events", "\0D2\0forged").is_err());
+    let r = gw
+        .publish(
+            &publisher_token(),
+            &json!({"channel": "events", "data": "\u{0}x"}),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        202,
+        "a NUL inside a JSON string is fine: {}",
+        r.text()
+    );
+}
