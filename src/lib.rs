@@ -24,8 +24,8 @@
 //! - `history`: durable events, positions and resume cursors (memory, Redis streams).
 //! - `limits`: per-user slots across replicas (memory, Redis with per-replica leases).
 //! - `shutdown`: the drain; `metrics`: names and exporter; `error`: refusals -> HTTP.
-//! - `watchdog`: each stream's deadlines while its writer is blocked, and the per-stream task
-//!   (and cut) of every HTTP/2 stream.
+//! - `watchdog`: the deadlines of streams served by hyper while their writer is blocked, and
+//!   the per-stream task (and cut) of every HTTP/2 stream.
 //! - `devmode`: what a plain start prints.
 //!
 //! `run` (with `backends`) is the one place that picks concrete backends (memory or Redis
