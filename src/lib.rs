@@ -33,6 +33,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod backoff;
 pub mod body;
 pub mod broker;
 pub mod channel;

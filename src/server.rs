@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::backoff::Backoff;
 use crate::conn::ConnInfo;
 use crate::h1stream::{self, Rewind, Start};
 use crate::metrics::Exporter;
@@ -49,7 +50,7 @@ async fn accept(
     stop: &CancellationToken,
     port: &'static str,
 ) -> Option<(TcpStream, std::net::SocketAddr)> {
-    let mut delay = Duration::from_millis(10);
+    let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     let mut last_log: Option<Instant> = None;
     loop {
         let result = tokio::select! {
@@ -59,6 +60,7 @@ async fn accept(
         match result {
             Ok(pair) => return Some(pair),
             Err(e) => {
+                let delay = backoff.next_delay();
                 if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
                     tracing::warn!(
                         port,
@@ -68,7 +70,6 @@ async fn accept(
                     last_log = Some(Instant::now());
                 }
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(1));
             }
         }
     }

@@ -25,6 +25,7 @@ use tokio::time::timeout;
 
 use super::{dispatch, dispatch_durable, dispatch_gap, Broker, BrokerError};
 use crate::backend::{Commands as Pool, Topology, COMMAND_TIMEOUT};
+use crate::backoff::Backoff;
 use crate::history::redis::{Library, RedisHistory, LIBRARY_VERSION};
 use crate::history::Incoming::{Durable, Forged, Plain};
 use crate::history::{
@@ -174,7 +175,7 @@ impl Broker for RedisBroker {
 
 impl Manager {
     async fn run(mut self) {
-        let mut failures: u32 = 0;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX).jittered();
         let mut connected_before = false;
         loop {
             match self.connect_and_serve(&mut connected_before).await {
@@ -182,13 +183,12 @@ impl Manager {
                 Err(why) => {
                     self.ready.store(false, Ordering::Release);
                     metrics::gauge!(m::REDIS_CONNECTED).set(0.0);
-                    failures = failures.saturating_add(1);
-                    let backoff = backoff(failures);
+                    let wait = backoff.next_delay();
                     tracing::warn!(
-                        retry_in_ms = backoff.as_millis() as u64,
-                        "Redis pub/sub unavailable: {why}; streams stay open, new ones get 503 until it is back (check SSE_GATEWAY_REDIS_URL and Redis health)"
+                        retry_in_ms = wait.as_millis() as u64,
+                        "Redis pub/sub unavailable: {why}; open streams stay open (for up to 0.9 of SSE_GATEWAY_CONNECTION_LEASE_SECS), new ones get 503 until it is back (check SSE_GATEWAY_REDIS_URL and Redis health)"
                     );
-                    let deadline = tokio::time::Instant::now() + backoff;
+                    let deadline = tokio::time::Instant::now() + wait;
                     // Meanwhile, refuse subscriptions at once instead of letting clients hang.
                     loop {
                         tokio::select! {
@@ -205,7 +205,7 @@ impl Manager {
                 }
             }
             if self.ready.load(Ordering::Acquire) {
-                failures = 0;
+                backoff.reset();
             }
         }
     }
@@ -822,30 +822,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn backoff(failures: u32) -> Duration {
-    let exp = BACKOFF_MIN.saturating_mul(1u32 << failures.min(10).saturating_sub(1));
-    let capped = exp.min(BACKOFF_MAX);
-    // Full jitter in the upper half, so replicas that lost Redis together do not return together.
-    let half = capped / 2;
-    half + half.mul_f64(rand::random::<f64>())
-}
-
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_is_capped_and_grows() {
-        assert!(backoff(1) <= BACKOFF_MIN);
-        assert!(backoff(30) <= BACKOFF_MAX);
-        assert!(backoff(30) >= BACKOFF_MAX / 2);
     }
 }

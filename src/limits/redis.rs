@@ -36,6 +36,7 @@ use tokio::time::{timeout, Instant};
 
 use super::{LimitError, Limiter};
 use crate::backend::{Commands as Pool, COMMAND_TIMEOUT};
+use crate::backoff::Backoff;
 use crate::hub::{CloseReason, Hub};
 
 /// Redis-backed per-user limiter.
@@ -574,7 +575,10 @@ async fn upkeep(weak: std::sync::Weak<Inner>) {
     let mut last_warning: Option<Instant> = None;
     // After a failure, try again soon (doubling up to the period): a replica that started
     // before Redis, or lost it, is ready again moments after Redis is back.
-    let mut retry = Duration::from_millis(100);
+    let mut retry = Backoff::new(
+        Duration::from_millis(100),
+        period.min(Duration::from_secs(1)),
+    );
     let mut wait = Duration::ZERO;
     loop {
         tokio::time::sleep(wait).await;
@@ -591,11 +595,10 @@ async fn upkeep(weak: std::sync::Weak<Inner>) {
                     inner.reconcile_now.notify_one();
                 }
                 registered_once = true;
-                retry = Duration::from_millis(100);
+                retry.reset();
             }
             Err(e) => {
-                wait = retry;
-                retry = (retry * 2).min(period).min(Duration::from_secs(1));
+                wait = retry.next_delay();
                 if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                     tracing::warn!(
                         "per-user slot lease renewal failed: {e}; new streams get 503 once the lease (SSE_GATEWAY_CONNECTION_LEASE_SECS) runs out"
