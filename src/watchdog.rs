@@ -118,14 +118,6 @@ impl Watch {
         }
     }
 
-    /// Records why the armed stream is ending, when its writer learns it first (the kernel's
-    /// TCP_USER_TIMEOUT fails a write that made no progress).
-    pub fn record(&self, reason: CloseReason) {
-        if let Some(armed) = self.lock().as_ref() {
-            armed.sub.set_close_reason(reason);
-        }
-    }
-
     /// The stream moved: bytes were taken or the body was asked for more.
     pub fn progress(&self) {
         let ms = self.epoch.elapsed().as_millis() as u64;
