@@ -198,11 +198,16 @@ pub async fn run(
         replica_id.clone(),
     ));
     let stop = CancellationToken::new();
+    // The client port stops accepting once the drain has asked every stream to leave; the
+    // admin port (probes, metrics) serves until the end.
+    let stop_client = CancellationToken::new();
+    let connections = tokio_util::task::TaskTracker::new();
     tokio::spawn(server::serve_client(
         client,
         state.clone(),
         tls,
-        stop.clone(),
+        stop_client.clone(),
+        connections.clone(),
     ));
     tokio::spawn(server::serve_admin(
         admin,
@@ -213,7 +218,7 @@ pub async fn run(
     tracing::info!(client = %client_addr, admin = %admin_addr, advertised = %advertised, replica = %replica_id, "listening");
 
     shutdown.await;
-    shutdown::drain(&state).await;
+    shutdown::drain(&state, &connections, &stop_client).await;
     state.limiter.flush().await;
     stop.cancel();
     Ok(())

@@ -16,6 +16,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
@@ -85,6 +86,7 @@ pub async fn serve_client(
     state: Arc<AppState>,
     tls: Option<Tls>,
     stop: CancellationToken,
+    connections: TaskTracker,
 ) {
     let sockets = Arc::new(Semaphore::new(socket_cap(&state)));
     let ids = AtomicU64::new(1);
@@ -113,7 +115,7 @@ pub async fn serve_client(
         let state = state.clone();
         let span = tracing::info_span!("conn", id, remote = %remote);
         let acceptor = tls.as_ref().map(Tls::acceptor);
-        tokio::spawn(
+        connections.spawn(
             async move {
                 let _permit = permit;
                 match acceptor {

@@ -3,21 +3,33 @@
 //! Invariants: readiness turns off and new streams are refused before anything closes; open
 //! streams get `gateway.shutdown` one after another, spread evenly over the drain window; a
 //! stream that cannot take its goodbye (its client does not read) has its connection cut at the
-//! end; the wait is bounded by the window plus a small margin, whatever clients do.
+//! end; the wait is for the connections themselves (a task tracker, no polling), bounded by the
+//! window plus a small margin, whatever clients do.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::hub::CloseReason;
 use crate::state::AppState;
 
 /// Time past the drain window that streams get to flush their goodbye.
 const MARGIN: Duration = Duration::from_secs(2);
+/// Time cut connections get to run their guards (release slots) before the process goes on.
+const CUT_GRACE: Duration = Duration::from_millis(500);
 
-/// Drains every open stream; returns when all are closed or the deadline passed.
-pub async fn drain(state: &Arc<AppState>) {
+/// Drains every open stream; returns when every client connection is gone (they run in
+/// `connections`), or the deadline passed and what was left has been cut. `stop_accepting` is
+/// cancelled once every stream has been asked to leave: until then, new clients get a 503
+/// `draining` answer rather than a silent accept queue.
+pub async fn drain(
+    state: &Arc<AppState>,
+    connections: &TaskTracker,
+    stop_accepting: &CancellationToken,
+) {
     state.start_draining();
     let window = state.config.drain;
     let start = Instant::now();
@@ -34,20 +46,24 @@ pub async fn drain(state: &Arc<AppState>) {
         sub.request_shutdown();
     }
     let deadline = start + window + MARGIN;
-    while state.hub.stream_count() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let left = state.hub.streams();
-    if !left.is_empty() {
+    stop_accepting.cancel();
+    connections.close();
+    if tokio::time::timeout_at(deadline, connections.wait())
+        .await
+        .is_err()
+    {
+        let left = state.hub.streams();
         tracing::warn!(
             streams = left.len(),
+            connections = connections.len(),
             "drain deadline passed; cutting the connections of streams that did not close"
         );
         for sub in left {
             sub.kill(CloseReason::Shutdown);
         }
-        // Let the cut connections run their guards.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Let the cut connections run their guards (bounded: a connection without a stream,
+        // such as a TLS handshake, ends by its own timeout or with the process).
+        let _ = tokio::time::timeout(CUT_GRACE, connections.wait()).await;
     }
     tracing::info!(
         elapsed_ms = start.elapsed().as_millis() as u64,
