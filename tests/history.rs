@@ -635,3 +635,37 @@ async fn the_function_and_the_gateway_agree_on_every_rule() {
         r.text()
     );
 }
+
+/// After a failover to a replica whose clock is behind, a position recorded as lost may lie
+/// ahead of the server's clock: new events still sort after it, so streams that saw the lost
+/// event do not take them for duplicates.
+#[tokio::test]
+async fn new_events_sort_after_a_lost_position_ahead_of_the_clock() {
+    let redis = Redis::start();
+    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);
+    gw.wait_ready(true, T).await;
+    publish(&gw, "ahead", "first").await;
+    let ahead_ms = now() * 1000 + 60_000;
+    let lost = format!("{ahead_ms}-3");
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("{sse:ahead}:lost")
+        .arg(&lost)
+        .query(&mut conn)
+        .unwrap();
+    let reply = fcall(&redis, "ahead", "after the failover").unwrap();
+    let (ms, seq) = reply[1].split_once('-').unwrap();
+    let (ms, seq): (u64, u64) = (ms.parse().unwrap(), seq.parse().unwrap());
+    assert!(
+        (ms, seq) > (ahead_ms, 3),
+        "new event {} sorts before the lost position {lost}",
+        reply[1]
+    );
+    // And the next one after it.
+    let next = fcall(&redis, "ahead", "and the next").unwrap();
+    let (nms, nseq) = next[1].split_once('-').unwrap();
+    assert!((nms.parse::<u64>().unwrap(), nseq.parse::<u64>().unwrap()) > (ms, seq));
+}

@@ -1,5 +1,6 @@
 -- Reads a channel's history after a position, and says whether it still reaches back there.
--- KEYS[1] the history stream, KEYS[2] its epoch key, KEYS[3] the newest trimmed position
+-- KEYS[1] the history stream, KEYS[2] its epoch key, KEYS[3] the newest trimmed position,
+-- KEYS[4] the newest position lost in a failover
 -- ARGV[1] the cursor's epoch ('*': any), ARGV[2] its position (ms-seq), ARGV[3] page size,
 -- ARGV[4] the epoch that means "no history yet", ARGV[5] most payload bytes in the page
 -- (at least one event is returned when the page size allows any, whatever its size)
@@ -26,6 +27,9 @@ if not epoch then
   return { ARGV[4], gap, {} }
 end
 local max_deleted = redis.call('GET', KEYS[3]) or '0-0'
+-- Events recorded as lost in a failover count as removed too (lost.lua).
+local lost = redis.call('GET', KEYS[4])
+if lost and cmp(lost, max_deleted) > 0 then max_deleted = lost end
 local last = '0-0'
 if redis.call('EXISTS', KEYS[1]) == 1 then
   -- Entries an operator removed with XDEL count as lost too.

@@ -122,10 +122,34 @@ local function publish(keys, args)
     local going = redis.call('XRANGE', history, '-', '+', 'COUNT', length - maxlen + 1)
     redis.call('SET', trimmed_key, going[#going][1])
   end
-  local id = redis.call('XADD', history, 'MAXLEN', maxlen, '*', 'p', payload)
+  -- A position recorded as lost (lost.lua) may lie ahead of this server's clock (a failover to
+  -- a replica whose clock is behind): new events must sort after it, or streams that saw the
+  -- lost event would take them for duplicates.
+  local lost_key = tag .. ':lost'
+  local lost = redis.call('GET', lost_key)
+  local id_arg = '*'
+  if lost then
+    local lms, lseq = string.match(lost, '^(%d+)-(%d+)$')
+    local t = redis.call('TIME')
+    local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    if lms and tonumber(lms) >= now_ms then
+      id_arg = lms .. '-' .. (tonumber(lseq) + 1)
+    end
+  end
+  local id
+  if id_arg == '*' then
+    id = redis.call('XADD', history, 'MAXLEN', maxlen, '*', 'p', payload)
+  else
+    id = redis.pcall('XADD', history, 'MAXLEN', maxlen, id_arg, 'p', payload)
+    if type(id) == 'table' and id.err then
+      -- Events already sort after it: the server's own id is right.
+      id = redis.call('XADD', history, 'MAXLEN', maxlen, '*', 'p', payload)
+    end
+  end
   redis.call('PEXPIRE', history, ttl_ms)
   redis.call('PEXPIRE', epoch_key, ttl_ms)
   if redis.call('EXISTS', trimmed_key) == 1 then redis.call('PEXPIRE', trimmed_key, ttl_ms) end
+  if lost then redis.call('PEXPIRE', lost_key, ttl_ms) end
   local signed = channel .. '\0' .. epoch .. '\0' .. id .. '\0' .. payload
   redis.call('__PUBLISH__', PREFIX .. channel, '\0D2\0' .. mac(signed) .. '\0' .. epoch .. '\0' .. id .. '\0' .. payload)
   return { epoch, id }

@@ -4,7 +4,9 @@
 //! - `{<prefix><channel>}:history` — STREAM, capped at `SSE_GATEWAY_HISTORY_SIZE` entries
 //!   (field `p`: the payload), expiring `SSE_GATEWAY_HISTORY_TTL_SECS` after its last event;
 //! - `{<prefix><channel>}:epoch` — STRING, the history's generation, same expiry;
-//! - `{<prefix><channel>}:trimmed` — STRING, the newest position trimming removed.
+//! - `{<prefix><channel>}:trimmed` — STRING, the newest position trimming removed;
+//! - `{<prefix><channel>}:lost` — STRING, the newest position a failover lost (recorded by a
+//!   replica that had delivered it live).
 //!
 //! Invariants: writes go through one Redis Function (`library.lua`), so `POST /publish` and a
 //! publisher holding only `redis-cli` store and publish the same way, in one atomic step.
@@ -303,6 +305,7 @@ impl History for RedisHistory {
             let mut invocation = this.lost.key(this.key(&channel, "history"));
             invocation
                 .key(this.key(&channel, "epoch"))
+                .key(this.key(&channel, "lost"))
                 .key(this.key(&channel, "trimmed"))
                 .arg(&mark.epoch)
                 .arg(mark.pos.to_string());
@@ -402,6 +405,7 @@ impl History for RedisHistory {
                 invocation
                     .key(this.key(&channel, "epoch"))
                     .key(this.key(&channel, "trimmed"))
+                    .key(this.key(&channel, "lost"))
                     .arg(&from.epoch)
                     .arg(from.pos.to_string())
                     .arg(limit)
