@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -190,18 +191,24 @@ where
                     // armed when the write has to wait.
                     let mut chunk = prefix.chain(data).chain(&b"\r\n"[..]);
                     while chunk.has_remaining() {
-                        let Some((at, reason)) = body.write_deadline(Instant::now()) else {
-                            return Err(io::ErrorKind::Other.into());
-                        };
-                        let n = tokio::select! {
-                            biased;
-                            n = io.write_buf(&mut chunk) => n?,
-                            _ = tokio::time::sleep_until(at) => {
-                                body.close_as(reason);
-                                return Err(io::Error::new(
-                                    io::ErrorKind::TimedOut,
-                                    "the client's socket took no bytes before the stream's deadline",
-                                ));
+                        // Most writes are taken at once: no clock read, no timer.
+                        let n = match io.write_buf(&mut chunk).now_or_never() {
+                            Some(n) => n?,
+                            None => {
+                                let Some((at, reason)) = body.write_deadline(Instant::now())
+                                else {
+                                    return Err(io::ErrorKind::Other.into());
+                                };
+                                tokio::select! {
+                                    n = io.write_buf(&mut chunk) => n?,
+                                    _ = tokio::time::sleep_until(at) => {
+                                        body.close_as(reason);
+                                        return Err(io::Error::new(
+                                            io::ErrorKind::TimedOut,
+                                            "the client's socket took no bytes before the stream's deadline",
+                                        ));
+                                    }
+                                }
                             }
                         };
                         if n == 0 {

@@ -36,6 +36,22 @@ use crate::hub::{CloseReason, Subscriber};
 /// How long past a hard deadline a blocked writer gets before the stream is cut.
 pub const GRACE: Duration = Duration::from_secs(1);
 
+/// When a stream whose writer is blocked must be cut, and why: when it has made no progress by
+/// `stalled_at`, or one [`GRACE`] past its hard deadline, whichever comes first. The one rule
+/// for the watch and for the lean path's waiting writes.
+pub fn cut_at(
+    stalled_at: Instant,
+    hard: Instant,
+    hard_reason: CloseReason,
+) -> (Instant, CloseReason) {
+    let hard_at = hard + GRACE;
+    if stalled_at < hard_at {
+        (stalled_at, CloseReason::SlowConsumer)
+    } else {
+        (hard_at, hard_reason)
+    }
+}
+
 tokio::task_local! {
     static CURRENT: Arc<Watch>;
 }
@@ -136,13 +152,8 @@ impl Watch {
                 armed.as_ref().map(|a| {
                     let moved = self.epoch
                         + Duration::from_millis(self.progress_ms.load(Ordering::Relaxed));
-                    let stall_at = moved + a.stall;
-                    let hard_at = a.hard + GRACE;
-                    if stall_at < hard_at {
-                        (stall_at, CloseReason::SlowConsumer, a.sub.clone())
-                    } else {
-                        (hard_at, a.hard_reason, a.sub.clone())
-                    }
+                    let (at, reason) = cut_at(moved + a.stall, a.hard, a.hard_reason);
+                    (at, reason, a.sub.clone())
                 })
             };
             let Some((at, reason, sub)) = next else {

@@ -79,12 +79,12 @@ async fn a_client_whose_link_goes_silent_is_released_within_heartbeat_plus_write
     eprintln!("silent client released {released:?} after it went silent");
 }
 
-/// A replica on its own host, reaching Redis on another.
-fn replica(host: &netlab::Host, redis: &Redis, extra: &[(&str, &str)]) -> Gateway {
-    let url = redis.url();
+/// A replica on its own host, reaching Redis (`redis_url`) on another; `extra` settings come
+/// last and win.
+fn replica(host: &netlab::Host, redis_url: &str, extra: &[(&str, &str)]) -> Gateway {
     let listen = format!("{}:0", host.addr);
     let mut env = vec![
-        ("SSE_GATEWAY_REDIS_URL", url.as_str()),
+        ("SSE_GATEWAY_REDIS_URL", redis_url),
         ("SSE_GATEWAY_LISTEN", listen.as_str()),
         ("SSE_GATEWAY_ADMIN_LISTEN", listen.as_str()),
         ("SSE_GATEWAY_REDIS_PROBE_SECS", "1"),
@@ -113,8 +113,8 @@ async fn a_replica_cut_off_from_redis_turns_unready_and_catches_up_on_durable_ev
     let a = lab.host();
     let b = lab.host();
     let redis = Redis::start_in(&r.ns, &r.addr.to_string());
-    let gw_a = replica(&a, &redis, &[]);
-    let gw_b = replica(&b, &redis, &[]);
+    let gw_a = replica(&a, &redis.url(), &[]);
+    let gw_b = replica(&b, &redis.url(), &[]);
     gw_a.wait_ready(true, T).await;
     gw_b.wait_ready(true, T).await;
     let tok = client_token("jo", &["split"]);
@@ -156,8 +156,8 @@ async fn redis_cut_off_from_every_replica_for_ten_seconds_loses_nothing_durable(
     let a = lab.host();
     let b = lab.host();
     let redis = Redis::start_in(&r.ns, &r.addr.to_string());
-    let gw_a = replica(&a, &redis, &[]);
-    let gw_b = replica(&b, &redis, &[]);
+    let gw_a = replica(&a, &redis.url(), &[]);
+    let gw_b = replica(&b, &redis.url(), &[]);
     gw_a.wait_ready(true, T).await;
     gw_b.wait_ready(true, T).await;
     let tok = client_token("kay", &["dark"]);
@@ -228,8 +228,8 @@ async fn a_replica_cut_off_from_redis_past_its_lease_never_lets_a_user_exceed_th
         ("SSE_GATEWAY_CONNECTION_LEASE_SECS", "4"),
         ("SSE_GATEWAY_MAX_CONNECTIONS_PER_USER", "1"),
     ];
-    let gw_a = replica(&a, &redis, &settings);
-    let gw_b = replica(&b, &redis, &settings);
+    let gw_a = replica(&a, &redis.url(), &settings);
+    let gw_b = replica(&b, &redis.url(), &settings);
     gw_a.wait_ready(true, T).await;
     gw_b.wait_ready(true, T).await;
     let tok = client_token("lee", &["fence"]);
@@ -306,18 +306,8 @@ async fn inspect_across_hosts_names_the_replica_of_every_stream_and_a_paused_one
         ("SSE_GATEWAY_ADMIN_LISTEN", "0.0.0.0:0"),
         ("SSE_GATEWAY_CONNECTION_LEASE_SECS", "3"),
     ];
-    let url = redis.url();
-    let start = |host: &netlab::Host| {
-        let listen = format!("{}:0", host.addr);
-        let mut env = vec![
-            ("SSE_GATEWAY_REDIS_URL", url.as_str()),
-            ("SSE_GATEWAY_LISTEN", listen.as_str()),
-        ];
-        env.extend_from_slice(&settings);
-        Gateway::start_in(&host.ns, &env)
-    };
-    let gw_a = start(&a);
-    let gw_b = start(&b);
+    let gw_a = replica(&a, &redis.url(), &settings);
+    let gw_b = replica(&b, &redis.url(), &settings);
     assert_eq!(gw_a.admin.ip(), std::net::IpAddr::V4(a.addr));
     assert_eq!(gw_b.admin.ip(), std::net::IpAddr::V4(b.addr));
     gw_a.wait_ready(true, T).await;
@@ -332,13 +322,12 @@ async fn inspect_across_hosts_names_the_replica_of_every_stream_and_a_paused_one
     on_a.wait_id(T).await;
     on_b.wait_id(T).await;
     let report = inspect_user(&redis, "max");
-    for (gw, host) in [(&gw_a, &a), (&gw_b, &b)] {
+    for gw in [&gw_a, &gw_b] {
         let line = report
             .lines()
             .find(|l| l.contains(&format!("(admin {})", gw.admin)))
             .unwrap_or_else(|| panic!("no replica at {} in:\n{report}", gw.admin));
         assert!(line.contains("live"), "{line}\n{report}");
-        let _ = host;
     }
     let connections = report.lines().filter(|l| l.contains("connection ")).count();
     assert_eq!(connections, 2, "each replica lists its stream:\n{report}");
@@ -558,20 +547,8 @@ async fn a_sentinel_failover_away_from_a_silently_cut_master_loses_nothing_unann
             .collect::<Vec<_>>()
             .join(",")
     );
-    let start = |host: &netlab::Host| {
-        let listen = format!("{}:0", host.addr);
-        Gateway::start_in(
-            &host.ns,
-            &[
-                ("SSE_GATEWAY_REDIS_URL", url.as_str()),
-                ("SSE_GATEWAY_LISTEN", listen.as_str()),
-                ("SSE_GATEWAY_ADMIN_LISTEN", listen.as_str()),
-                ("SSE_GATEWAY_REDIS_PROBE_SECS", "1"),
-            ],
-        )
-    };
-    let gw_a = start(&a);
-    let gw_b = start(&b);
+    let gw_a = replica(&a, &url, &[]);
+    let gw_b = replica(&b, &url, &[]);
     gw_a.wait_ready(true, T).await;
     gw_b.wait_ready(true, T).await;
     let tok = client_token("pat", &["fo"]);

@@ -146,26 +146,13 @@ impl Broker for RedisBroker {
         channel: String,
         payload: Bytes,
     ) -> BoxFuture<'static, Result<(), BrokerError>> {
-        let pool = self.pool.clone();
-        let name = format!("{}{}", self.prefix, channel);
-        let command = self.publish_command;
-        async move {
-            let work = async {
-                let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-                redis::cmd(command)
-                    .arg(&name)
-                    .arg(&payload[..])
-                    .query_async::<i64>(&mut conn)
-                    .await
-                    .map_err(|e| e.to_string())
-            };
-            match timeout(COMMAND_TIMEOUT, work).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(BrokerError(format!("Redis PUBLISH failed: {e}"))),
-                Err(_) => Err(BrokerError("Redis PUBLISH timed out".into())),
-            }
-        }
-        .boxed()
+        let sent = publish_raw(
+            self.pool.clone(),
+            self.publish_command,
+            format!("{}{}", self.prefix, channel),
+            payload,
+        );
+        async move { sent.await.map(|_| ()).map_err(BrokerError) }.boxed()
     }
 
     fn is_ready(&self) -> bool {
@@ -415,11 +402,11 @@ impl Manager {
                         probe_sent_shared.store(probe_sent, Ordering::Release);
                         probe_sent_at = Instant::now();
                         for channel in &probes {
-                            let send = probe(
+                            let send = publish_raw(
                                 self.pool.clone(),
                                 self.publish_command,
                                 channel.clone(),
-                                format!("{nonce}:{probe_sent}"),
+                                Bytes::from(format!("{nonce}:{probe_sent}")),
                             );
                             let failed = probe_failed_tx.clone();
                             let channel = channel.clone();
@@ -670,26 +657,27 @@ impl Manager {
     }
 }
 
-/// Publishes one probe `payload` on `channel`; how many subscribers Redis reports.
-async fn probe(
+/// `PUBLISH` (or `SPUBLISH`) of `payload` on `channel`, for fire-and-forget events and probes;
+/// how many subscribers Redis reports.
+async fn publish_raw(
     pool: Pool,
     command: &'static str,
     channel: String,
-    payload: String,
+    payload: Bytes,
 ) -> Result<i64, Outage> {
     let work = async {
         let mut conn = pool.get().await.map_err(|e| e.to_string())?;
         redis::cmd(command)
             .arg(&channel)
-            .arg(payload)
+            .arg(&payload[..])
             .query_async::<i64>(&mut conn)
             .await
             .map_err(|e| e.to_string())
     };
     timeout(COMMAND_TIMEOUT, work)
         .await
-        .map_err(|_| "probe PUBLISH timed out".to_string())?
-        .map_err(|e| format!("probe PUBLISH failed: {e}"))
+        .map_err(|_| format!("Redis {command} timed out"))?
+        .map_err(|e| format!("Redis {command} failed: {e}"))
 }
 
 /// Where a session's messages come from.

@@ -5,21 +5,7 @@
 -- ARGV[4] the epoch that means "no history yet", ARGV[5] most payload bytes in the page
 -- (at least one event is returned when the page size allows any, whatever its size)
 -- Returns { current epoch, gap (0/1), entries, more (0/1) }.
--- Exact comparison of decimal strings (Lua numbers are doubles: 64-bit ids lose precision).
-local function num_cmp(a, b)
-  a = string.gsub(a, '^0+(%d)', '%1')
-  b = string.gsub(b, '^0+(%d)', '%1')
-  if #a ~= #b then return #a < #b and -1 or 1 end
-  if a ~= b then return a < b and -1 or 1 end
-  return 0
-end
-local function cmp(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  local c = num_cmp(am, bm)
-  if c ~= 0 then return c end
-  return num_cmp(as, bs)
-end
+-- cmp (ids.lua) is prepended.
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
   local gap = 0

@@ -7,20 +7,7 @@
 -- ARGV[1] the epoch the event was delivered in, ARGV[2] its position (ms-seq)
 -- Only a missing position of the same epoch above the trimmed and lost lines counts; returns 1
 -- if recorded. Kept apart from the trimmed line, which trimming moves on every publish.
-local function num_cmp(a, b)
-  a = string.gsub(a, '^0+(%d)', '%1')
-  b = string.gsub(b, '^0+(%d)', '%1')
-  if #a ~= #b then return #a < #b and -1 or 1 end
-  if a ~= b then return a < b and -1 or 1 end
-  return 0
-end
-local function cmp(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  local c = num_cmp(am, bm)
-  if c ~= 0 then return c end
-  return num_cmp(as, bs)
-end
+-- cmp (ids.lua) is prepended.
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 local last = '0-0'
 if redis.call('EXISTS', KEYS[1]) == 1 then

@@ -214,6 +214,11 @@ pub fn function_name(prefix: &str) -> String {
     format!("{}_publish", cleaned.trim_matches('_'))
 }
 
+/// A history script with the shared id helpers (`ids.lua`) in front of it.
+fn script(name: &str, body: &str) -> String {
+    format!("-- {name}\n{}{body}", include_str!("ids.lua"))
+}
+
 fn err(e: impl std::fmt::Display) -> HistoryError {
     HistoryError(e.to_string())
 }
@@ -237,8 +242,8 @@ impl RedisHistory {
             maxlen: config.history_size.to_string(),
             ttl_ms: config.history_ttl.as_millis().to_string(),
             max_bytes: config.max_event_bytes.to_string(),
-            after: Script::new(include_str!("after.lua")),
-            lost: Script::new(include_str!("lost.lua")),
+            after: Script::new(&script("after.lua", include_str!("after.lua"))),
+            lost: Script::new(&script("lost.lua", include_str!("lost.lua"))),
         }))
     }
 

@@ -571,7 +571,6 @@ async fn upkeep(weak: std::sync::Weak<Inner>) {
         let Some(inner) = weak.upgrade() else { return };
         (inner.lease / 3).max(Duration::from_millis(200))
     };
-    let mut registered_once = false;
     let mut last_warning: Option<Instant> = None;
     // After a failure, try again soon (doubling up to the period): a replica that started
     // before Redis, or lost it, is ready again moments after Redis is back.
@@ -584,17 +583,17 @@ async fn upkeep(weak: std::sync::Weak<Inner>) {
         tokio::time::sleep(wait).await;
         let Some(inner) = weak.upgrade() else { return };
         wait = period;
+        let registered_before = inner.registered.load(Ordering::Acquire);
         match inner.renew().await {
             Ok(lapsed) => {
-                tracing::debug!(lapsed, registered_once, "lease renewed");
-                if lapsed && registered_once {
+                tracing::debug!(lapsed, registered_before, "lease renewed");
+                if lapsed && registered_before {
                     // Others may have taken our slots while we were away: admit nothing until
                     // the reconciler has re-asserted them.
                     inner.lapses.fetch_add(1, Ordering::AcqRel);
                     inner.needs_reclaim.store(true, Ordering::Release);
                     inner.reconcile_now.notify_one();
                 }
-                registered_once = true;
                 retry.reset();
             }
             Err(e) => {

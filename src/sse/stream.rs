@@ -198,14 +198,8 @@ impl SseStream {
     /// (`SSE_GATEWAY_WRITE_TIMEOUT_SECS` later, or one `GRACE` past the stream's hard deadline,
     /// whichever is first), and the close reason if it has not.
     pub fn write_deadline(&self, since: Instant) -> (Instant, CloseReason) {
-        let stalled = since + self.lifetime.write_timeout;
         let (hard, reason) = self.lifetime.hard();
-        let hard = hard + crate::watchdog::GRACE;
-        if stalled < hard {
-            (stalled, CloseReason::SlowConsumer)
-        } else {
-            (hard, reason)
-        }
+        crate::watchdog::cut_at(since + self.lifetime.write_timeout, hard, reason)
     }
 
     /// Records why the stream ends (the first reason recorded wins).
