@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use sse_gateway::event::parse_payload;
-use sse_gateway::hub::{Hub, Queued, StreamInfo, Subscriber};
-use sse_gateway::sse::frame::encode;
+use sse_gateway::testing::event::parse_payload;
+use sse_gateway::testing::frame::encode;
+use sse_gateway::testing::hub::{Hub, Queued, StreamInfo, Subscriber};
 use tokio_util::sync::CancellationToken;
 
 const ENVELOPE: &[u8] =
@@ -80,7 +80,7 @@ fn fanout(c: &mut Criterion) {
 /// Reading a message off pub/sub: a plain payload, and a durable one whose HMAC is verified
 /// (SPEC §6.6), at 100 B, 1 KiB and 16 KiB: the cost of the signature on the receive path.
 fn receive(c: &mut Criterion) {
-    use sse_gateway::history::{decode_durable, encode_durable, DurableKey, Position};
+    use sse_gateway::testing::position::{decode_durable, encode_durable, DurableKey, Position};
     let key = DurableKey::random();
     let mut g = c.benchmark_group("receive");
     for size in [100usize, 1024, 16 * 1024] {

@@ -690,7 +690,7 @@ pub fn decoding_key_for_pem(
 fn validate_redis_url(url: String) -> Result<String, ConfigError> {
     const SETTING: &str = "SSE_GATEWAY_REDIS_URL";
     // Parse it the way the replica will, so a typo fails here rather than at the first connect.
-    crate::backend::Topology::parse(&url).map_err(|e| bad(SETTING, e))?;
+    crate::backends::redis::Topology::parse(&url).map_err(|e| bad(SETTING, e))?;
     Ok(url)
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::limits::redis::{admin_key, registry_key, slots_key};
+use crate::backends::limits::redis::{admin_key, registry_key, slots_key};
 
 /// What to inspect.
 pub struct Query {
@@ -69,7 +69,7 @@ fn encode_query(v: &str) -> String {
 }
 
 async fn zrange_with_scores(
-    conn: &mut crate::backend::Conn,
+    conn: &mut crate::backends::redis::Conn,
     key: &str,
 ) -> Result<Vec<(String, f64)>, String> {
     redis::cmd("ZRANGE")
@@ -84,10 +84,10 @@ async fn zrange_with_scores(
 
 /// Runs the inspection and returns the report.
 pub async fn run(redis_url: &str, prefix: &str, q: &Query) -> Result<String, String> {
-    let topology =
-        crate::backend::Topology::parse(redis_url).map_err(|e| format!("--redis-url: {e}"))?;
+    let topology = crate::backends::redis::Topology::parse(redis_url)
+        .map_err(|e| format!("--redis-url: {e}"))?;
     let sharded = topology.sharded();
-    let commands = crate::backend::Commands::new(topology);
+    let commands = crate::backends::redis::Commands::new(topology);
     let mut conn = tokio::time::timeout(Duration::from_secs(5), commands.get())
         .await
         .map_err(|_| "cannot reach Redis (--redis-url) within 5 s".to_string())?

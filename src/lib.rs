@@ -3,62 +3,59 @@
 //! # The message flow is the architecture
 //!
 //! ```text
-//! Redis  ->  broker/redis.rs  ->  broker::dispatch -> hub.rs  ->  sse/stream.rs  ->  hyper  ->  socket
-//! client ->  server.rs -> router.rs -> sse/mod.rs (auth, limits, subscribe) -> sse/stream.rs
-//! POST /publish -> publish.rs -> history (FCALL: store + PUBLISH in one step) -> the first line
-//! resume  -> sse/resume.rs: subscribe first, replay history after the cursor, then live (dedup)
+//! Redis  -> backends/broker/redis.rs -> core/sink.rs (EventSink) -> core/hub.rs -> http/stream -> socket
+//! client -> http/server.rs -> http/router.rs -> http/events.rs (auth, limits, subscribe) -> http/stream
+//! POST /publish -> http/publish.rs -> backends/history (FCALL: store + PUBLISH in one step) -> the first line
+//! resume -> http/stream/resume.rs: subscribe first, replay history after the cursor, then live (dedup)
 //! ```
 //!
-//! An event is parsed once (`event.rs`, the envelope rule), encoded once (`sse/frame.rs`) into
-//! `Bytes`, and every local subscriber gets a clone of those bytes through its bounded queue.
+//! An event is parsed once (`core/event.rs`, the envelope rule), encoded once (`core/frame.rs`)
+//! into `Bytes`, and every local subscriber gets a clone of those bytes through its bounded queue.
 //!
-//! # Module map
-//! - `config`: every setting (flag + env), validated once.
-//! - `auth`: JWT verification and minting; `channel`: names and grants.
-//! - `server`: accept loops; `conn`: the connection a request arrived on (a leaf, so the
-//!   handlers need not know the accept loops); `h1stream`: the lean HTTP/1.1 path of `GET /events`;
-//!   `router`: method + path; `request`: query and token extraction.
-//! - `sse`: `GET /events` (`mod`), the body state machine (`stream`), the encoder (`frame`).
-//! - `publish`: `POST /publish`; `event`: payload -> event.
-//! - `hub`: local fan-out; `broker`: cross-replica transport (memory, Redis).
-//! - `history`: durable events, positions and resume cursors (memory, Redis streams).
-//! - `limits`: per-user slots across replicas (memory, Redis with per-replica leases).
-//! - `shutdown`: the drain; `metrics`: names and exporter; `error`: refusals -> HTTP.
-//! - `watchdog`: the deadlines of streams served by hyper while their writer is blocked, and
-//!   the per-stream task (and cut) of every HTTP/2 stream.
-//! - `devmode`: what a plain start prints.
+//! # Layers (each imports only those below it; `tests/layers.rs` enforces it)
+//! 1. `metrics` (names, the exporter) and `tls` (certificate loading): leaves.
+//! 2. `core`: the vocabulary every other part shares — `event` (payload -> event), `frame`
+//!    (event -> bytes), `channel` (names, grants), `position` (marks, cursors, the signed
+//!    durable form), `hub` (local fan-out), `sink` (the `EventSink` backends deliver into),
+//!    `backoff`. It knows neither Redis nor HTTP nor the settings, so it is tested alone and
+//!    benchmarked as the hot path.
+//! 3. `backends`: `broker` (events between replicas), `history` (durable events), `limits`
+//!    (per-user slots), each a trait with a memory and a Redis implementation and its own
+//!    settings struct, and `redis` (connections, deadlines, topologies). A backend never reads
+//!    the command line and never touches a stream: it receives settings and an `EventSink`, so
+//!    the same contract tests run against both implementations.
+//! 4. `config` (every setting, validated once) and `auth` (JWT): the edge where the outside
+//!    world's strings become typed values.
+//! 5. `http`: sockets, requests, routes, the stream body and its deadlines, the drain. It holds
+//!    the backends only as trait objects in `AppState`.
+//! 6. `devmode` and `inspect`: what a plain start prints, and the operator's query tool.
 //!
-//! `run` (with `backends`) is the one place that picks concrete backends (memory or Redis
-//! broker, history and limiter); files import each other without cycles (`tests/layers.rs`).
+//! This file is the composition root: `run` (with `backends`) is the one place that picks
+//! concrete backends, builds their settings from the `Config`, and wires the hub to them.
+//! Modules are private; what tests, benchmarks and the load tool drive directly is re-exported
+//! by [`testing`].
 
-pub mod auth;
-pub mod backend;
-pub mod backoff;
-pub mod body;
-pub mod broker;
-pub mod channel;
+mod auth;
+mod backends;
+mod core;
+mod devmode;
+mod http;
+mod metrics;
+mod tls;
+
 pub mod config;
-pub mod conn;
-pub mod cors;
-pub mod devmode;
-pub mod diagnostics;
-pub mod error;
-pub mod event;
-pub mod h1stream;
-pub mod history;
-pub mod hub;
 pub mod inspect;
-pub mod limits;
-pub mod metrics;
-pub mod publish;
-pub mod request;
-pub mod router;
-pub mod server;
-pub mod shutdown;
-pub mod sse;
-pub mod state;
-pub mod tls;
-pub mod watchdog;
+
+pub use crate::auth::{mint, Claims};
+pub use crate::metrics::Exporter;
+
+/// What the integration tests, benchmarks and the load tool reach inside the crate: the
+/// building blocks they drive directly (hub, backends, encoders, cursors). Not a stable API.
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::backends::{broker, history, limits, redis};
+    pub use crate::core::{channel, event, frame, hub, position, sink};
+}
 
 use std::future::Future;
 use std::sync::Arc;
@@ -66,12 +63,16 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Broker;
+use crate::backends::broker::{memory::MemoryBroker, redis::RedisBroker, Broker, BrokerSettings};
+use crate::backends::history::redis::{Library, RedisHistory};
+use crate::backends::history::{memory::MemoryHistory, History, HistorySettings};
+use crate::backends::limits::{memory::MemoryLimiter, redis::RedisLimiter, LimitSettings, Limiter};
+use crate::backends::redis::{Commands, Topology};
 use crate::config::{Config, JwtKey};
-use crate::history::{memory::MemoryHistory, redis::RedisHistory, History};
-use crate::hub::Hub;
-use crate::limits::{memory::MemoryLimiter, redis::RedisLimiter, Limiter};
-use crate::state::AppState;
+use crate::core::hub::Hub;
+use crate::core::sink::{EventSink, Fanout};
+use crate::http::state::AppState;
+use crate::http::{server, shutdown};
 
 /// The shared state a replica keeps outside itself: in memory, or in Redis.
 struct Backends {
@@ -83,44 +84,51 @@ struct Backends {
     history: Option<Arc<dyn History>>,
 }
 
-/// Builds the broker and the per-user limiter the configuration asks for.
+/// Builds the broker, history and per-user limiter the configuration asks for: the one place
+/// that turns settings into backends, so no backend reads the command line.
 fn backends(
     config: &Config,
     hub: Arc<Hub>,
     admin_addr: String,
     replica_id: &str,
 ) -> Result<Backends, String> {
+    let sink: Arc<dyn EventSink> = Fanout::new(hub.clone(), config.max_event_bytes);
+    let history_settings = HistorySettings {
+        prefix: config.channel_prefix.clone(),
+        size: config.history_size,
+        ttl: config.history_ttl,
+        max_event_bytes: config.max_event_bytes,
+    };
     let keep_history = config.history_size > 0;
     match &config.redis_url {
         None => Ok(Backends {
-            broker: Arc::new(broker::memory::MemoryBroker::new(
-                hub.clone(),
-                config.max_event_bytes,
-            )),
+            broker: Arc::new(MemoryBroker::new(sink.clone())),
             limiter: Arc::new(MemoryLimiter::new(config.max_connections_per_user)),
-            history: keep_history.then(|| {
-                MemoryHistory::new(
-                    config.history_size as usize,
-                    config.history_ttl,
-                    config.max_event_bytes,
-                    hub,
-                ) as Arc<dyn History>
-            }),
+            history: keep_history
+                .then(|| MemoryHistory::new(&history_settings, sink) as Arc<dyn History>),
         }),
         Some(url) => {
-            let pool = crate::backend::Commands::new(
-                crate::backend::Topology::parse(url)
-                    .map_err(|e| format!("SSE_GATEWAY_REDIS_URL: {e}"))?,
+            let pool = Commands::new(
+                Topology::parse(url).map_err(|e| format!("SSE_GATEWAY_REDIS_URL: {e}"))?,
             );
-            let history = keep_history.then(|| RedisHistory::new(pool.clone(), config));
-            let broker = broker::redis::RedisBroker::start(
-                config,
-                hub.clone(),
+            let history = keep_history.then(|| RedisHistory::new(pool.clone(), &history_settings));
+            let broker = RedisBroker::start(
+                &BrokerSettings {
+                    prefix: config.channel_prefix.clone(),
+                    probe_every: config.redis_probe,
+                },
+                sink,
                 pool.clone(),
                 history.clone(),
+                Library::new(pool.clone(), &history_settings),
             )?;
+            let limits = LimitSettings {
+                prefix: config.channel_prefix.clone(),
+                limit: config.max_connections_per_user,
+                lease: config.connection_lease,
+            };
             let limiter =
-                RedisLimiter::start(pool, config, hub, admin_addr, replica_id.to_string());
+                RedisLimiter::start(pool, &limits, hub, admin_addr, replica_id.to_string());
             Ok(Backends {
                 broker: Arc::new(broker),
                 limiter: Arc::new(limiter),
@@ -174,7 +182,7 @@ pub async fn run(
     };
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
 
-    let hub = Arc::new(hub::Hub::new());
+    let hub = Arc::new(Hub::new());
     let verifier = auth::Verifier::new(&config)?;
     let replica_id = format!("{:016x}", rand::random::<u64>());
     let advertised = config::admin_advertise(config.admin_advertise.as_deref(), admin_addr);

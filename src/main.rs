@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use sse_gateway::auth::{mint, Claims};
 use sse_gateway::config::{Cli, Command, Config, InspectArgs, LogFormat, Settings, TokenArgs};
+use sse_gateway::{mint, Claims};
 
 fn main() -> ExitCode {
     // One TLS implementation for the client port and rediss://: rustls with ring.
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let exporter = match sse_gateway::metrics::Exporter::install() {
+        let exporter = match sse_gateway::Exporter::install() {
             Ok(x) => x,
             Err(e) => {
                 eprintln!("sse-gateway: {e}");

@@ -567,8 +567,8 @@ async fn a_resume_from_far_back_is_written_in_bounded_pages() {
 /// event names and reserved payloads: whatever one accepts, the other does.
 #[tokio::test]
 async fn the_function_and_the_gateway_agree_on_every_rule() {
-    use sse_gateway::channel::{validate_name, MAX_CHANNEL_BYTES};
-    use sse_gateway::event::{validate_event_name, MAX_EVENT_NAME_BYTES, RESERVED_PREFIX};
+    use sse_gateway::testing::channel::{validate_name, MAX_CHANNEL_BYTES};
+    use sse_gateway::testing::event::{validate_event_name, MAX_EVENT_NAME_BYTES, RESERVED_PREFIX};
     let redis = Redis::start();
     let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);
     gw.wait_ready(true, T).await;

@@ -95,8 +95,8 @@ fn crate_paths(code: &str) -> Vec<String> {
     out
 }
 
-#[test]
-fn no_file_of_src_imports_itself_back() {
+/// Every file's module and the modules its production code names.
+fn import_graph() -> BTreeMap<String, BTreeSet<String>> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
     rust_files(&src, &mut files);
@@ -121,6 +121,11 @@ fn no_file_of_src_imports_itself_back() {
             }
         }
     }
+    edges
+}
+
+/// The first cycle in `edges`, if any.
+fn find_cycle(edges: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
     // Depth-first search for a back edge; report the cycle it closes.
     fn visit(
         node: &str,
@@ -154,9 +159,74 @@ fn no_file_of_src_imports_itself_back() {
     for node in edges.keys() {
         if state.get(node.as_str()).copied().unwrap_or(0) == 0 {
             let mut stack = Vec::new();
-            if let Some(cycle) = visit(node, &edges, &mut state, &mut stack) {
-                panic!("import cycle between files of src/: {}", cycle.join(" -> "));
+            if let Some(cycle) = visit(node, edges, &mut state, &mut stack) {
+                return Some(cycle);
             }
+        }
+    }
+    None
+}
+
+/// The graph with every module cut to its first `depth` segments (`a::b::c` -> `a::b`).
+fn at_depth(
+    edges: &BTreeMap<String, BTreeSet<String>>,
+    depth: usize,
+) -> BTreeMap<String, BTreeSet<String>> {
+    let cut = |m: &str| m.split("::").take(depth).collect::<Vec<_>>().join("::");
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (from, tos) in edges {
+        let from = cut(from);
+        let targets = out.entry(from.clone()).or_default();
+        for to in tos {
+            let to = cut(to);
+            // A module and its own children are one node at this depth.
+            if to != from
+                && !to.starts_with(&format!("{from}::"))
+                && !from.starts_with(&format!("{to}::"))
+            {
+                targets.insert(to);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn no_file_of_src_imports_itself_back() {
+    if let Some(cycle) = find_cycle(&import_graph()) {
+        panic!("import cycle between files of src/: {}", cycle.join(" -> "));
+    }
+}
+
+#[test]
+fn no_module_of_src_imports_itself_back_at_any_depth() {
+    let edges = import_graph();
+    for depth in 1..=3 {
+        if let Some(cycle) = find_cycle(&at_depth(&edges, depth)) {
+            panic!(
+                "import cycle between modules of src/ (cut at depth {depth}): {}",
+                cycle.join(" -> ")
+            );
+        }
+    }
+}
+
+/// The layers of `lib.rs`: each may import only what is listed (besides itself).
+#[test]
+fn each_layer_imports_only_the_layers_below_it() {
+    let allowed: &[(&str, &[&str])] = &[
+        ("core", &["metrics"]),
+        ("backends", &["core", "metrics"]),
+        ("metrics", &[]),
+        ("tls", &[]),
+    ];
+    let top = at_depth(&import_graph(), 1);
+    for (layer, may) in allowed {
+        for to in top.get(*layer).into_iter().flatten() {
+            assert!(
+                may.contains(&to.as_str()),
+                "`{layer}` imports `{to}`, above or beside it; allowed: {may:?}"
+            );
         }
     }
 }

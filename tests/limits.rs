@@ -7,9 +7,10 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use sse_gateway::hub::Hub;
-use sse_gateway::limits::{memory::MemoryLimiter, redis::RedisLimiter, LimitError, Limiter, Slot};
+use sse_gateway::testing::hub::Hub;
+use sse_gateway::testing::limits::{
+    memory::MemoryLimiter, redis::RedisLimiter, LimitError, LimitSettings, Limiter, Slot,
+};
 use support::*;
 
 const T: Duration = Duration::from_secs(10);
@@ -75,23 +76,17 @@ async fn the_memory_limiter_keeps_the_contract() {
 #[tokio::test]
 async fn the_redis_limiter_keeps_the_contract() {
     let redis = Redis::start();
-    let cli = sse_gateway::config::Cli::try_parse_from([
-        "sse-gateway",
-        "--redis-url",
-        &redis.url(),
-        "--jwt-secret",
-        SECRET,
-        "--max-connections-per-user",
-        "3",
-    ])
-    .unwrap();
-    let config = cli.settings.into_config().unwrap();
-    let pool = sse_gateway::backend::Commands::new(
-        sse_gateway::backend::Topology::parse(&redis.url()).unwrap(),
+    let settings = LimitSettings {
+        prefix: "sse:".into(),
+        limit: 3,
+        lease: Duration::from_secs(15),
+    };
+    let pool = sse_gateway::testing::redis::Commands::new(
+        sse_gateway::testing::redis::Topology::parse(&redis.url()).unwrap(),
     );
     let limiter = RedisLimiter::start(
         pool,
-        &config,
+        &settings,
         Arc::new(Hub::new()),
         "test".into(),
         "0123456789abcdef".into(),

@@ -55,7 +55,9 @@ fn one_channel_per_master(cluster: &Cluster, prefix: &str) -> Vec<String> {
         let name = (0..)
             .map(|i| format!("{prefix}{i}"))
             .find(|c| {
-                cluster.owner(sse_gateway::backend::slot(format!("sse:{c}").as_bytes())) == master
+                cluster.owner(sse_gateway::testing::redis::slot(
+                    format!("sse:{c}").as_bytes(),
+                )) == master
             })
             .expect("some name lands on every master");
         out.push(name);
@@ -170,7 +172,7 @@ async fn streams_keep_receiving_after_a_cluster_master_dies() {
     }
 
     // Kill the master of the first channel; its replica takes over.
-    let victim = cluster.owner(sse_gateway::backend::slot(
+    let victim = cluster.owner(sse_gateway::testing::redis::slot(
         format!("sse:{}", channels[0]).as_bytes(),
     ));
     cluster.node(victim).kill();
@@ -224,15 +226,16 @@ async fn a_cluster_master_that_stops_answering_is_caught_by_the_probe() {
     ]);
     gw.wait_ready(true, T).await;
     // A channel on a master other than the one holding the replica's own {gateway} keys.
-    let gateway_master = cluster.owner(sse_gateway::backend::slot(b"{gateway}"));
+    let gateway_master = cluster.owner(sse_gateway::testing::redis::slot(b"{gateway}"));
     let channel = (0..)
         .map(|i| format!("quiet-{i}"))
         .find(|c| {
-            cluster.owner(sse_gateway::backend::slot(format!("sse:{c}").as_bytes()))
-                != gateway_master
+            cluster.owner(sse_gateway::testing::redis::slot(
+                format!("sse:{c}").as_bytes(),
+            )) != gateway_master
         })
         .expect("a channel elsewhere");
-    let victim = cluster.owner(sse_gateway::backend::slot(
+    let victim = cluster.owner(sse_gateway::testing::redis::slot(
         format!("sse:{channel}").as_bytes(),
     ));
     let mut s = open(&gw, &channel, "quiet").await;
@@ -284,7 +287,7 @@ async fn a_slot_moving_to_another_master_is_followed() {
     assert_eq!(publish(&gw, "moving", "before", T).await.status, 202);
     assert_eq!(s.next_event(T).await.expect("before").data, "before");
 
-    let slot = sse_gateway::backend::slot(b"sse:moving");
+    let slot = sse_gateway::testing::redis::slot(b"sse:moving");
     let from = cluster.owner(slot);
     let to = *cluster
         .masters()
@@ -337,7 +340,7 @@ fn channel_names_spread_evenly_over_the_masters() {
     let n = 10_000;
     for i in 0..n {
         // The shard channel of a channel, and its history keys, share this slot.
-        let slot = sse_gateway::backend::slot(format!("sse:user-{i}").as_bytes());
+        let slot = sse_gateway::testing::redis::slot(format!("sse:user-{i}").as_bytes());
         let owner = ranges
             .iter()
             .find(|r| r.1 <= slot && slot <= r.2)

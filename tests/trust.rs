@@ -19,7 +19,7 @@ fn conn(redis: &Redis) -> redis::Connection {
 
 /// The history library as a replica of `version` holding `key_hex` would load it.
 fn library(version: &str, key_hex: &str) -> String {
-    include_str!("../src/history/library.lua")
+    include_str!("../src/backends/history/library.lua")
         .replace("__LIBRARY__", "sse_gateway_sse_publish")
         .replace("__FUNCTION__", "sse_publish")
         .replace("__INFO__", "sse_publish_info")

@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 
 use crate::net::{connect, mint, mint_publisher, open, post};
 use crate::Common;
-use sse_gateway::history::{Cursor, Mark, Position};
+use sse_gateway::testing::position::{Cursor, Mark, Position};
 
 pub(crate) async fn idle_h2(common: Common, per_connection: usize, hold: Duration) {
     use http_body_util::Empty;

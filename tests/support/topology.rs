@@ -295,7 +295,7 @@ impl Cluster {
 
     /// `SPUBLISH` on the shard that owns the channel; how many subscribers got it.
     pub fn spublish(&self, channel: &str, payload: &str) -> i64 {
-        let port = self.owner(sse_gateway::backend::slot(channel.as_bytes()));
+        let port = self.owner(sse_gateway::testing::redis::slot(channel.as_bytes()));
         let node = self.nodes.iter().find(|n| n.port == port).expect("owner");
         node.cmd(&["SPUBLISH", channel, payload])
             .and_then(|s| s.parse().ok())

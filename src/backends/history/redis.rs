@@ -1,0 +1,472 @@
+//! History in Redis: one capped stream per channel, written only by the durable-publish function.
+//!
+//! Layout (hash tag on the channel, so a channel's keys share one Cluster slot):
+//! - `{<prefix><channel>}:history` — STREAM, capped at `SSE_GATEWAY_HISTORY_SIZE` entries
+//!   (field `p`: the payload), expiring `SSE_GATEWAY_HISTORY_TTL_SECS` after its last event;
+//! - `{<prefix><channel>}:epoch` — STRING, the history's generation, same expiry;
+//! - `{<prefix><channel>}:trimmed` — STRING, the newest position trimming removed;
+//! - `{<prefix><channel>}:lost` — STRING, the newest position a failover lost (recorded by a
+//!   replica that had delivered it live).
+//!
+//! Invariants: writes go through one Redis Function (`library.lua`), so `POST /publish` and a
+//! publisher holding only `redis-cli` store and publish the same way, in one atomic step.
+//! Replicas pass their settings with every call and never replace a newer library; the library
+//! embeds the key that signs durable events on pub/sub. Reads are one script per channel
+//! (`after.lua`).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::future::{BoxFuture, FutureExt};
+use redis::{Script, Value};
+use tokio::time::timeout;
+
+use super::{History, HistoryError, HistorySettings, Page, Stored};
+use crate::backends::redis::{Commands as Pool, COMMAND_TIMEOUT};
+use crate::core::position::{DurableKey, Mark, Position, NO_EPOCH};
+
+/// The version of `library.lua`. Replicas never replace a library whose version is higher, so
+/// an old replica restarting mid-rollout cannot take newer code away from newer replicas; each
+/// version accepts every older caller's arguments.
+pub const LIBRARY_VERSION: i64 = 2;
+
+/// Where the key is agreed when no library holds one yet (one slot, `{gateway}`).
+fn agreed_key_name(prefix: &str) -> String {
+    format!("{prefix}{{gateway}}:durable-key")
+}
+
+/// The durable-publish library in Redis: loading it without downgrading, and the key it signs
+/// durable events with.
+#[derive(Clone)]
+pub struct Library(Arc<LibraryInner>);
+
+struct LibraryInner {
+    pool: Pool,
+    prefix: String,
+    name: String,
+    function: String,
+    info: String,
+    defaults: (u64, u128, usize),
+}
+
+impl Library {
+    /// The library for the configured prefix; `config`'s history settings become the defaults
+    /// of publishers that call the function without them.
+    pub fn new(pool: Pool, settings: &HistorySettings) -> Self {
+        let prefix = settings.prefix.clone();
+        let function = function_name(&prefix);
+        Self(Arc::new(LibraryInner {
+            pool,
+            name: format!("sse_gateway_{function}"),
+            info: format!("{function}_info"),
+            function,
+            prefix,
+            defaults: (
+                settings.size.max(1),
+                settings.ttl.as_millis(),
+                settings.max_event_bytes,
+            ),
+        }))
+    }
+
+    fn source(&self, key: &DurableKey) -> String {
+        let l = &self.0;
+        let escaped = l.prefix.replace('\\', "\\\\").replace('\'', "\\'");
+        include_str!("library.lua")
+            .replace("__LIBRARY__", &l.name)
+            .replace("__FUNCTION__", &l.function)
+            .replace("__INFO__", &l.info)
+            .replace("__VERSION__", &LIBRARY_VERSION.to_string())
+            .replace("__KEY_HEX__", key.hex())
+            .replace("__PREFIX__", &escaped)
+            .replace("__MAXLEN__", &l.defaults.0.to_string())
+            .replace("__TTL_MS__", &l.defaults.1.to_string())
+            .replace("__MAX_BYTES__", &l.defaults.2.to_string())
+            .replace("__PUBLISH__", l.pool.topology().publish_command())
+    }
+
+    /// The version and key of the library in place: `None` when there is none, or only one
+    /// from before keys (it has no info function).
+    pub async fn installed(&self) -> Result<Option<(i64, DurableKey)>, HistoryError> {
+        let work = async {
+            let mut conn = self.0.pool.get().await.map_err(err)?;
+            let listed: Value = redis::cmd("FUNCTION")
+                .arg("LIST")
+                .arg("LIBRARYNAME")
+                .arg(&self.0.name)
+                .query_async(&mut conn)
+                .await
+                .map_err(err)?;
+            if !mentions(&listed, &self.0.info) {
+                return Ok(None);
+            }
+            let (version, hex): (i64, String) = redis::cmd("FCALL_RO")
+                .arg(&self.0.info)
+                .arg(0)
+                .query_async(&mut conn)
+                .await
+                .map_err(err)?;
+            let key = DurableKey::from_hex(&hex)
+                .ok_or_else(|| err("the installed library holds no usable key"))?;
+            Ok(Some((version, key)))
+        };
+        timeout(COMMAND_TIMEOUT, work)
+            .await
+            .map_err(|_| err("reading the installed library timed out"))?
+    }
+
+    /// Makes sure a library of this version or newer is in place; the key it signs with.
+    pub async fn ensure(&self) -> Result<DurableKey, HistoryError> {
+        match self.installed().await? {
+            Some((version, key)) if version >= LIBRARY_VERSION => return Ok(key),
+            // An older library with a key: keep the key, bring the code up to date.
+            Some((_, key)) => self.load(&key).await?,
+            None => {
+                let key = self.agreed_key().await?;
+                self.load(&key).await?;
+            }
+        }
+        // Read back what is in place: a replica loading at the same moment may have won.
+        self.installed()
+            .await?
+            .map(|(_, key)| key)
+            .ok_or_else(|| err("the durable-publish library is missing right after loading it"))
+    }
+
+    /// One key for every replica that finds no library: the first `SET NX` wins.
+    async fn agreed_key(&self) -> Result<DurableKey, HistoryError> {
+        let work = async {
+            let mut conn = self.0.pool.get().await.map_err(err)?;
+            let name = agreed_key_name(&self.0.prefix);
+            let _: Value = redis::cmd("SET")
+                .arg(&name)
+                .arg(DurableKey::random().hex())
+                .arg("NX")
+                .query_async(&mut conn)
+                .await
+                .map_err(err)?;
+            let hex: String = redis::cmd("GET")
+                .arg(&name)
+                .query_async(&mut conn)
+                .await
+                .map_err(err)?;
+            DurableKey::from_hex(&hex).ok_or_else(|| err(format!("{name} holds no usable key")))
+        };
+        timeout(COMMAND_TIMEOUT, work)
+            .await
+            .map_err(|_| err("agreeing on the durable-event key timed out"))?
+    }
+
+    async fn load(&self, key: &DurableKey) -> Result<(), HistoryError> {
+        let source = self.source(key);
+        let work = async {
+            let mut conn = self.0.pool.get().await.map_err(err)?;
+            redis::cmd("FUNCTION")
+                .arg("LOAD")
+                .arg("REPLACE")
+                .arg(&source)
+                .query_async::<String>(&mut conn)
+                .await
+                .map_err(err)
+        };
+        timeout(COMMAND_TIMEOUT, work)
+            .await
+            .map_err(|_| err("FUNCTION LOAD timed out"))?
+            .map(|_| ())
+    }
+}
+
+/// Whether a `FUNCTION LIST` reply names `function`.
+fn mentions(v: &Value, function: &str) -> bool {
+    match v {
+        Value::BulkString(b) => b == function.as_bytes(),
+        Value::SimpleString(s) => s == function,
+        Value::Array(items) | Value::Set(items) => items.iter().any(|i| mentions(i, function)),
+        Value::Map(pairs) => pairs
+            .iter()
+            .any(|(k, v)| mentions(k, function) || mentions(v, function)),
+        _ => false,
+    }
+}
+
+/// Redis-backed history (cheap to clone: one shared state).
+#[derive(Clone)]
+pub struct RedisHistory(Arc<Inner>);
+
+struct Inner {
+    pool: Pool,
+    prefix: String,
+    library: Library,
+    /// This replica's settings, passed with every call (SPEC §6.6).
+    maxlen: String,
+    ttl_ms: String,
+    max_bytes: String,
+    after: Script,
+    lost: Script,
+}
+
+/// The name of the durable-publish function for a channel prefix: `sse_publish` for `sse:`.
+pub fn function_name(prefix: &str) -> String {
+    let cleaned: String = prefix
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("{}_publish", cleaned.trim_matches('_'))
+}
+
+/// A history script with the shared id helpers (`ids.lua`) in front of it.
+fn script(name: &str, body: &str) -> String {
+    format!("-- {name}\n{}{body}", include_str!("ids.lua"))
+}
+
+fn err(e: impl std::fmt::Display) -> HistoryError {
+    HistoryError(e.to_string())
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+impl RedisHistory {
+    /// History with the configured size, expiry and prefix.
+    pub fn new(pool: Pool, settings: &HistorySettings) -> Self {
+        Self(Arc::new(Inner {
+            library: Library::new(pool.clone(), settings),
+            pool,
+            prefix: settings.prefix.clone(),
+            maxlen: settings.size.to_string(),
+            ttl_ms: settings.ttl.as_millis().to_string(),
+            max_bytes: settings.max_event_bytes.to_string(),
+            after: Script::new(&script("after.lua", include_str!("after.lua"))),
+            lost: Script::new(&script("lost.lua", include_str!("lost.lua"))),
+        }))
+    }
+
+    /// The durable-publish library (loaded on each connect, so a Redis that restarted empty
+    /// has it again at once).
+    pub fn library(&self) -> &Library {
+        &self.0.library
+    }
+
+    /// The function publishers call: `FCALL <name> 1 {<prefix><channel>} <payload>`.
+    pub fn function(&self) -> &str {
+        &self.0.library.0.function
+    }
+}
+
+impl Inner {
+    fn key(&self, channel: &str, what: &str) -> String {
+        format!("{{{}{channel}}}:{what}", self.prefix)
+    }
+
+    async fn fcall(&self, channel: &str, payload: &[u8]) -> Result<Mark, HistoryError> {
+        let mut conn = self.pool.get().await.map_err(err)?;
+        let mut loaded_again = false;
+        loop {
+            let reply: Result<Vec<String>, _> = redis::cmd("FCALL")
+                .arg(&self.library.0.function)
+                .arg(1)
+                .arg(format!("{{{}{channel}}}", self.prefix))
+                .arg(payload)
+                .arg(&self.maxlen)
+                .arg(&self.ttl_ms)
+                .arg(&self.max_bytes)
+                .query_async(&mut conn)
+                .await;
+            match reply {
+                Ok(v) if v.len() == 2 => {
+                    let pos = Position::parse(&v[1]).ok_or_else(|| err("bad stream id"))?;
+                    return Ok(Mark {
+                        epoch: v[0].clone(),
+                        pos,
+                    });
+                }
+                Ok(_) => return Err(err("unexpected reply from the publish function")),
+                Err(e) if !loaded_again && e.to_string().contains("Function not found") => {
+                    drop(conn);
+                    self.library.ensure().await?;
+                    conn = self.pool.get().await.map_err(err)?;
+                    loaded_again = true;
+                }
+                Err(e) => return Err(err(e)),
+            }
+        }
+    }
+}
+
+impl History for RedisHistory {
+    fn mark_lost(
+        &self,
+        channel: String,
+        mark: Mark,
+    ) -> BoxFuture<'static, Result<(), HistoryError>> {
+        let this = self.0.clone();
+        async move {
+            let mut invocation = this.lost.key(this.key(&channel, "history"));
+            invocation
+                .key(this.key(&channel, "epoch"))
+                .key(this.key(&channel, "lost"))
+                .key(this.key(&channel, "trimmed"))
+                .arg(&mark.epoch)
+                .arg(mark.pos.to_string());
+            let work = async {
+                let mut conn = this.pool.get().await.map_err(err)?;
+                invocation
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+                    .map_err(err)
+            };
+            let recorded = timeout(COMMAND_TIMEOUT, work)
+                .await
+                .map_err(|_| err("recording a lost position timed out"))??;
+            if recorded == 1 {
+                tracing::warn!(
+                    channel,
+                    position = %mark.pos,
+                    "the channel's history lost durable events this replica had delivered (a failover to a replica that had not received them): older cursors now resume with gateway.gap"
+                );
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn append(
+        &self,
+        channel: String,
+        payload: Bytes,
+    ) -> BoxFuture<'static, Result<Mark, HistoryError>> {
+        let this = self.0.clone();
+        async move {
+            timeout(COMMAND_TIMEOUT, this.fcall(&channel, &payload))
+                .await
+                .map_err(|_| err("durable publish timed out"))?
+        }
+        .boxed()
+    }
+
+    fn marks(&self, channels: Vec<String>) -> BoxFuture<'static, Result<Vec<Mark>, HistoryError>> {
+        let this = self.0.clone();
+        async move {
+            let work = async {
+                let mut pipe = redis::pipe();
+                for ch in &channels {
+                    pipe.cmd("GET").arg(this.key(ch, "epoch"));
+                    pipe.cmd("XREVRANGE")
+                        .arg(this.key(ch, "history"))
+                        .arg("+")
+                        .arg("-")
+                        .arg("COUNT")
+                        .arg(1);
+                }
+                let mut conn = this.pool.get().await.map_err(err)?;
+                let replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(err)?;
+                let mut marks = Vec::with_capacity(channels.len());
+                for pair in replies.chunks(2) {
+                    let epoch = pair.first().and_then(text);
+                    let last = match pair.get(1) {
+                        Some(Value::Array(entries)) => entries.first().and_then(|e| match e {
+                            Value::Array(parts) => parts.first().and_then(text),
+                            _ => None,
+                        }),
+                        _ => None,
+                    };
+                    marks.push(match epoch {
+                        Some(epoch) => Mark {
+                            epoch,
+                            pos: last
+                                .as_deref()
+                                .and_then(Position::parse)
+                                .unwrap_or_default(),
+                        },
+                        None => Mark::empty(),
+                    });
+                }
+                Ok(marks)
+            };
+            timeout(COMMAND_TIMEOUT, work)
+                .await
+                .map_err(|_| err("reading history marks timed out"))?
+        }
+        .boxed()
+    }
+
+    fn after(
+        &self,
+        channel: String,
+        from: Mark,
+        limit: usize,
+        max_bytes: usize,
+    ) -> BoxFuture<'static, Result<Page, HistoryError>> {
+        let this = self.0.clone();
+        async move {
+            let work = async {
+                let mut invocation = this.after.key(this.key(&channel, "history"));
+                invocation
+                    .key(this.key(&channel, "epoch"))
+                    .key(this.key(&channel, "trimmed"))
+                    .key(this.key(&channel, "lost"))
+                    .arg(&from.epoch)
+                    .arg(from.pos.to_string())
+                    .arg(limit)
+                    .arg(NO_EPOCH)
+                    .arg(max_bytes);
+                let mut conn = this.pool.get().await.map_err(err)?;
+                let reply: Vec<Value> = invocation.invoke_async(&mut conn).await.map_err(err)?;
+                let epoch = reply
+                    .first()
+                    .and_then(text)
+                    .ok_or_else(|| err("bad history reply"))?;
+                let gap = matches!(reply.get(1), Some(Value::Int(1)));
+                let mut events = Vec::new();
+                if let Some(Value::Array(entries)) = reply.get(2) {
+                    for entry in entries {
+                        let Value::Array(parts) = entry else { continue };
+                        let Some(pos) = parts
+                            .first()
+                            .and_then(text)
+                            .and_then(|s| Position::parse(&s))
+                        else {
+                            continue;
+                        };
+                        let payload = match parts.get(1) {
+                            Some(Value::Array(fields)) => match fields.get(1) {
+                                Some(Value::BulkString(b)) => Bytes::from(b.clone()),
+                                _ => continue,
+                            },
+                            _ => continue,
+                        };
+                        events.push(Stored { pos, payload });
+                    }
+                }
+                let more = matches!(reply.get(3), Some(Value::Int(1)));
+                Ok(Page {
+                    gap,
+                    epoch,
+                    events,
+                    more,
+                })
+            };
+            timeout(COMMAND_TIMEOUT, work)
+                .await
+                .map_err(|_| err("reading history timed out"))?
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_names_follow_the_prefix() {
+        assert_eq!(function_name("sse:"), "sse_publish");
+        assert_eq!(function_name("app:events:"), "app_events_publish");
+    }
+}

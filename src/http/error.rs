@@ -1,0 +1,133 @@
+//! The one place that turns a refusal into an HTTP answer.
+//!
+//! Invariants: every refusal is `{"error": CODE, "message": TEXT}` with the status the contract
+//! names for CODE; 401 carries `WWW-Authenticate: Bearer`, 429 and 503 carry `Retry-After`. The
+//! message speaks to the caller and never echoes a token.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::http::body::GatewayBody;
+
+/// A request the gateway refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiError {
+    /// 400: the request is malformed.
+    BadRequest(String),
+    /// 401: no token, or a token that does not verify.
+    Unauthorized(String),
+    /// 403: the token does not grant the channel.
+    Forbidden(String),
+    /// 404: no such path.
+    NotFound,
+    /// 405: the path exists, the method does not.
+    MethodNotAllowed(&'static str),
+    /// 408: the request body did not arrive within `SSE_GATEWAY_HEADER_TIMEOUT_SECS`.
+    RequestTimeout,
+    /// 413: the body is larger than allowed.
+    PayloadTooLarge(String),
+    /// 429: the user already holds the most streams allowed.
+    UserLimit(String),
+    /// 503: this replica holds the most streams allowed.
+    Capacity,
+    /// 503: this replica is shutting down.
+    Draining,
+    /// 503: the broker is unreachable.
+    Unavailable(String),
+}
+
+impl ApiError {
+    /// 503 for a backend failure (SPEC §6.6): the caller is told `what` and to retry; the
+    /// detail, which may hold Redis's own words or a script hash, goes to the log only.
+    pub fn backend(what: &str, detail: impl std::fmt::Display) -> Self {
+        tracing::debug!(detail = %detail, "{what}");
+        ApiError::Unavailable(format!("{what}; retry"))
+    }
+
+    /// The error code of the JSON body, also the `reason` label of rejection metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::RequestTimeout => "request_timeout",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::UserLimit(_) => "user_limit",
+            ApiError::Capacity => "capacity",
+            ApiError::Draining => "draining",
+            ApiError::Unavailable(_) => "unavailable",
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UserLimit(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Capacity | ApiError::Draining | ApiError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// What the caller is told (never a token).
+    pub fn message(&self) -> String {
+        match self {
+            ApiError::BadRequest(m)
+            | ApiError::Unauthorized(m)
+            | ApiError::Forbidden(m)
+            | ApiError::PayloadTooLarge(m)
+            | ApiError::UserLimit(m)
+            | ApiError::Unavailable(m) => m.clone(),
+            ApiError::NotFound => "no such path".into(),
+            ApiError::RequestTimeout => {
+                "the body did not arrive within SSE_GATEWAY_HEADER_TIMEOUT_SECS".into()
+            }
+            ApiError::MethodNotAllowed(allow) => format!("method not allowed; use {allow}"),
+            ApiError::Capacity => "this replica is at its connection limit; retry later".into(),
+            ApiError::Draining => "this replica is shutting down; reconnect".into(),
+        }
+    }
+
+    fn retry_after(&self) -> Option<&'static str> {
+        match self {
+            ApiError::UserLimit(_) => Some("10"),
+            ApiError::Capacity | ApiError::Unavailable(_) => Some("5"),
+            ApiError::Draining => Some("1"),
+            _ => None,
+        }
+    }
+
+    /// The HTTP answer.
+    pub fn into_response(self) -> Response<GatewayBody> {
+        let body = serde_json::json!({"error": self.code(), "message": self.message()});
+        let mut response =
+            Response::new(GatewayBody::Full(Full::new(Bytes::from(body.to_string()))));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let ApiError::Unauthorized(_) = self {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let ApiError::MethodNotAllowed(allow) = self {
+            headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if let Some(secs) = self.retry_after() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static(secs));
+        }
+        response
+    }
+}

@@ -1,0 +1,205 @@
+//! `POST /publish`: a publisher's event, checked here and delivered through the broker.
+//!
+//! Invariants: the body is read with a hard size limit (413 past `SSE_GATEWAY_MAX_EVENT_BYTES`)
+//! before it is parsed; every channel must be granted by the token's `publish` claim; the event
+//! goes out as an envelope that every replica decodes with the same rule as Redis messages.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Body;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::core::channel::{self, MAX_CHANNELS_PER_STREAM};
+use crate::core::event::validate_event_name;
+use crate::core::position::{Cursor, Mark};
+use crate::http::body::GatewayBody;
+use crate::http::error::ApiError;
+use crate::http::request::{bearer_token, query_pairs};
+use crate::http::state::AppState;
+use crate::metrics as m;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest<'a> {
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    channels: Option<Vec<String>>,
+    #[serde(default)]
+    event: Option<String>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    /// Ids belong to the gateway: accepted and ignored, as in the envelope rule.
+    #[serde(default)]
+    #[allow(dead_code)]
+    id: Option<serde::de::IgnoredAny>,
+}
+
+/// Handles `POST /publish`.
+pub async fn publish<B>(state: &Arc<AppState>, req: Request<B>) -> Response<GatewayBody>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let result = accept(state, req).await;
+    let label = match &result {
+        Ok(_) => "accepted",
+        Err(ApiError::Unavailable(_)) => "error",
+        Err(_) => "rejected",
+    };
+    metrics::counter!(m::PUBLISH, "result" => label).increment(1);
+    result.unwrap_or_else(ApiError::into_response)
+}
+
+async fn accept<B>(
+    state: &Arc<AppState>,
+    req: Request<B>,
+) -> Result<Response<GatewayBody>, ApiError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let max = state.config.max_event_bytes;
+    let query = query_pairs(req.uri());
+    let token = bearer_token(req.headers(), &query).ok_or_else(|| {
+        ApiError::Unauthorized("no token: send Authorization: Bearer <JWT>".into())
+    })?;
+    let claims = state
+        .verifier
+        .publisher(token)
+        .map_err(ApiError::Unauthorized)?;
+    let grants = claims.publish.unwrap_or_default();
+    if grants.is_empty() {
+        return Err(ApiError::Forbidden(
+            "the token has no publish claim, so it cannot publish".into(),
+        ));
+    }
+    let too_large = || {
+        ApiError::PayloadTooLarge(format!(
+            "body is over {max} bytes (SSE_GATEWAY_MAX_EVENT_BYTES)"
+        ))
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    // The body must arrive within the header timeout (SPEC §6.2), and no handshake permit is
+    // held while it trickles in: slow publishers never keep new streams out.
+    let read = Limited::new(req.into_body(), max).collect();
+    let body = tokio::time::timeout(state.config.header_timeout, read)
+        .await
+        .map_err(|_| ApiError::RequestTimeout)?
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                too_large()
+            } else {
+                ApiError::BadRequest(format!("could not read the body: {e}"))
+            }
+        })?
+        .to_bytes();
+    let _permit = state
+        .handshakes
+        .try_acquire()
+        .map_err(|_| ApiError::Capacity)?;
+    let parsed: PublishRequest<'_> = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "body must be JSON {{\"channel\"|\"channels\", \"event\"?, \"data\"}}: {e}"
+        ))
+    })?;
+    let data = parsed
+        .data
+        .ok_or_else(|| ApiError::BadRequest("body has no \"data\" member".into()))?;
+    let channels: Vec<String> = match (parsed.channel, parsed.channels) {
+        (Some(c), None) => vec![c],
+        (None, Some(list)) if !list.is_empty() => list,
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "give \"channel\" or \"channels\", not both".into(),
+            ))
+        }
+        _ => {
+            return Err(ApiError::BadRequest(
+                "body needs \"channel\" or a non-empty \"channels\" array".into(),
+            ))
+        }
+    };
+    if channels.len() > MAX_CHANNELS_PER_STREAM {
+        return Err(ApiError::BadRequest(format!(
+            "too many channels: at most {MAX_CHANNELS_PER_STREAM} per publish"
+        )));
+    }
+    for c in &channels {
+        channel::validate_name(c).map_err(ApiError::BadRequest)?;
+        if !channel::granted(&grants, c) {
+            return Err(ApiError::Forbidden(format!(
+                "the token does not grant publishing to {c:?}"
+            )));
+        }
+    }
+    let event = parsed.event.filter(|e| !e.is_empty());
+    if let Some(name) = &event {
+        validate_event_name(name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    }
+    // The envelope every replica decodes: data exactly as the publisher wrote it.
+    let mut payload = String::with_capacity(data.get().len() + 64);
+    payload.push('{');
+    if let Some(name) = &event {
+        payload.push_str("\"event\":");
+        payload.push_str(&serde_json::Value::String(name.clone()).to_string());
+        payload.push(',');
+    }
+    payload.push_str("\"data\":");
+    payload.push_str(data.get());
+    payload.push('}');
+    if payload.len() > max {
+        return Err(too_large());
+    }
+    let payload = Bytes::from(payload);
+    let mut ids = serde_json::Map::new();
+    for c in &channels {
+        match &state.history {
+            // Durable: stored and published in one step; the answer is the event's position.
+            Some(history) => {
+                let mark = history
+                    .append(c.clone(), payload.clone())
+                    .await
+                    .map_err(|e| ApiError::backend("the durable publish failed", e))?;
+                let cursor = Cursor {
+                    marks: vec![(Arc::from(c.as_str()), mark)],
+                };
+                ids.insert(c.clone(), serde_json::Value::String(cursor.encode()));
+            }
+            None => {
+                state
+                    .broker
+                    .publish(c.clone(), payload.clone())
+                    .await
+                    .map_err(|e| ApiError::backend("the publish failed", e))?;
+                // History is off: no position exists. The stand-in (epoch `off`) is still one
+                // id per channel, as SPEC §3 promises, and resumes as an honest gap.
+                let cursor = Cursor {
+                    marks: vec![(Arc::from(c.as_str()), Mark::history_off())],
+                };
+                ids.insert(c.clone(), serde_json::Value::String(cursor.encode()));
+            }
+        }
+    }
+    let body = serde_json::json!({ "ids": ids }).to_string();
+    let mut response = Response::new(GatewayBody::text(body));
+    *response.status_mut() = StatusCode::ACCEPTED;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(response)
+}

@@ -1,0 +1,94 @@
+//! What every request handler shares: configuration, hub, broker, verifier, drain flag.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::auth::Verifier;
+use crate::backends::broker::Broker;
+use crate::backends::history::History;
+use crate::backends::limits::Limiter;
+use crate::config::Config;
+use crate::core::hub::Hub;
+use crate::http::diagnostics::Rejections;
+
+/// The replica's shared state.
+pub struct AppState {
+    /// Validated settings.
+    pub config: Config,
+    /// Local fan-out.
+    pub hub: Arc<Hub>,
+    /// Cross-replica transport.
+    pub broker: Arc<dyn Broker>,
+    /// Token checks.
+    pub verifier: Verifier,
+    /// Per-user slots.
+    pub limiter: Arc<dyn Limiter>,
+    /// Durable events, when history is on.
+    pub history: Option<Arc<dyn History>>,
+    /// This replica's id (in the Redis registry, slot names and diagnostics).
+    pub replica_id: String,
+    /// Recent refusals.
+    pub rejections: Rejections,
+    /// Permits for requests being authenticated and admitted (bounds the work a flood of
+    /// handshakes can cause).
+    pub handshakes: tokio::sync::Semaphore,
+    draining: AtomicBool,
+    /// Cancelled when the drain starts: hyper connections send GOAWAY (HTTP/2) or close after
+    /// their current response (HTTP/1.1).
+    drain_started: tokio_util::sync::CancellationToken,
+    next_stream: AtomicU64,
+}
+
+impl AppState {
+    /// Bundles the parts.
+    pub fn new(
+        config: Config,
+        hub: Arc<Hub>,
+        broker: Arc<dyn Broker>,
+        verifier: Verifier,
+        limiter: Arc<dyn Limiter>,
+        history: Option<Arc<dyn History>>,
+        replica_id: String,
+    ) -> Self {
+        Self {
+            handshakes: tokio::sync::Semaphore::new(config.max_pending_handshakes),
+            config,
+            hub,
+            broker,
+            verifier,
+            limiter,
+            history,
+            replica_id,
+            rejections: Rejections::default(),
+            draining: AtomicBool::new(false),
+            drain_started: tokio_util::sync::CancellationToken::new(),
+            next_stream: AtomicU64::new(1),
+        }
+    }
+
+    /// Whether the replica is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Starts the drain: readiness off, new streams refused.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.drain_started.cancel();
+    }
+
+    /// Completes when the drain starts.
+    pub async fn draining_started(&self) {
+        self.drain_started.cancelled().await
+    }
+
+    /// Whether the load balancer should send new clients here.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.broker.is_ready() && self.limiter.is_ready()
+    }
+
+    /// A fresh stream id.
+    pub fn next_stream_id(&self) -> u64 {
+        self.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+}
