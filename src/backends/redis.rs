@@ -26,6 +26,64 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// seed that stopped answering costs this much on each reconnect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Why a Redis operation failed: what an operator reads in the log line, and what a caller
+/// may branch on (never the text of a message).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// No connection could be made, or the topology names no master now.
+    #[error("cannot reach Redis: {0}")]
+    Unreachable(String),
+    /// Redis did not answer within [`COMMAND_TIMEOUT`].
+    #[error("{0} timed out (no answer within {COMMAND_TIMEOUT:?})")]
+    TimedOut(&'static str),
+    /// Redis answered with an error, or the connection broke during the command.
+    #[error("{what} failed: {detail}")]
+    Command {
+        /// The operation, in an operator's words.
+        what: &'static str,
+        /// Redis's error code (`ERR`, `NOSCRIPT`, `READONLY`, …), when it answered one.
+        code: Option<String>,
+        /// The rest of the answer, or the I/O error.
+        detail: String,
+    },
+    /// Redis answered something this gateway cannot read.
+    #[error("unexpected Redis reply: {0}")]
+    Reply(String),
+    /// What a script depends on kept changing under it; the next attempt may pass.
+    #[error("{0}")]
+    Busy(&'static str),
+}
+
+impl Failure {
+    /// Turns a client error during `what` into a failure.
+    pub fn command(what: &'static str) -> impl FnOnce(RedisError) -> Failure {
+        move |e| Failure::Command {
+            what,
+            code: e.code().map(str::to_string),
+            detail: e.detail().map_or_else(|| e.to_string(), str::to_string),
+        }
+    }
+
+    /// Whether Redis said the function called does not exist (a Redis that restarted empty
+    /// or flushed its functions): the caller loads it and tries once more.
+    pub fn is_missing_function(&self) -> bool {
+        matches!(self, Failure::Command { code: Some(code), detail, .. }
+            if code == "ERR" && detail.starts_with("Function not found"))
+    }
+}
+
+/// Runs one Redis operation (connecting included) under the one command deadline every Redis
+/// user of a replica shares, so that no caller hangs on a server that stopped answering.
+pub async fn deadline<T, E: From<Failure>>(
+    what: &'static str,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, work).await {
+        Ok(done) => done,
+        Err(_) => Err(Failure::TimedOut(what).into()),
+    }
+}
+
 const SCHEMES_HINT: &str = "must start with redis://, rediss://, redis+sentinel:// or \
      redis+cluster:// (examples: redis://127.0.0.1:6379/0, \
      redis+sentinel://s1:26379,s2:26379/mymaster, redis+cluster://n1:6379,n2:6379)";
@@ -134,7 +192,7 @@ impl Topology {
 
     /// A client for the server that takes writes now (asks Sentinel each time); `None` for a
     /// cluster, which has no single such server.
-    pub async fn master(&self) -> Result<Option<Client>, String> {
+    pub async fn master(&self) -> Result<Option<Client>, Failure> {
         match self {
             Self::Single(c) => Ok(Some((**c).clone())),
             Self::Sentinel(s) => s
@@ -145,10 +203,10 @@ impl Topology {
                 .await
                 .map(Some)
                 .map_err(|e| {
-                    format!(
+                    Failure::Unreachable(format!(
                         "Sentinel does not name a reachable master {:?}: {e}",
                         s.master
-                    )
+                    ))
                 }),
             Self::Cluster(_) => Ok(None),
         }
@@ -172,17 +230,17 @@ pub async fn sharded_pubsub(
         redis::cluster_async::ClusterConnection,
         tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
     ),
-    String,
+    Failure,
 > {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let client = cluster_builder(&cluster.seeds)
         .push_sender(tx)
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Failure::Unreachable(e.to_string()))?;
     let conn = tokio::time::timeout(CONNECT_TIMEOUT * 3 / 2, client.get_async_connection())
         .await
-        .map_err(|_| "connecting to the Redis Cluster timed out".to_string())?
-        .map_err(|e| format!("cannot connect to the Redis Cluster: {e}"))?;
+        .map_err(|_| Failure::TimedOut("connecting to the Redis Cluster"))?
+        .map_err(|e| Failure::Unreachable(format!("the Redis Cluster: {e}")))?;
     Ok((conn, rx))
 }
 
@@ -257,7 +315,7 @@ impl Commands {
     }
 
     /// A handle on the shared connection, connecting if there is none.
-    pub async fn get(&self) -> Result<Conn, String> {
+    pub async fn get(&self) -> Result<Conn, Failure> {
         let mut current = self.current.lock().await;
         if let Some(shared) = current.shared.as_ref() {
             return Ok(Conn {
@@ -273,15 +331,15 @@ impl Commands {
                     cluster.client.get_async_connection(),
                 )
                 .await
-                .map_err(|_| "connecting to the Redis Cluster timed out".to_string())?
-                .map_err(|e| format!("cannot connect to the Redis Cluster: {e}"))?,
+                .map_err(|_| Failure::TimedOut("connecting to the Redis Cluster"))?
+                .map_err(|e| Failure::Unreachable(format!("the Redis Cluster: {e}")))?,
             ),
             _ => {
                 let client = self
                     .topology
                     .master()
                     .await?
-                    .ok_or("no master to connect to")?;
+                    .ok_or_else(|| Failure::Unreachable("no master to connect to".into()))?;
                 let config = AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(CONNECT_TIMEOUT))
                     .set_response_timeout(Some(COMMAND_TIMEOUT));
@@ -289,7 +347,7 @@ impl Commands {
                     client
                         .get_multiplexed_async_connection_with_config(&config)
                         .await
-                        .map_err(|e| format!("cannot connect to Redis: {e}"))?,
+                        .map_err(|e| Failure::Unreachable(e.to_string()))?,
                 )
             }
         };

@@ -18,6 +18,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
+use crate::backends::redis::Failure;
+
 /// What the Redis broker needs besides its connections.
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
@@ -28,13 +30,17 @@ pub struct BrokerSettings {
 }
 
 /// Why the broker could not do what was asked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerError(pub String);
-
-impl std::fmt::Display for BrokerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker is between connections (Redis unreachable); it retries on its own.
+    #[error("Redis pub/sub is unreachable; the broker is reconnecting")]
+    Reconnecting,
+    /// The broker's task has ended (the replica is stopping).
+    #[error("the Redis broker has stopped")]
+    Stopped,
+    /// A Redis command failed.
+    #[error(transparent)]
+    Redis(#[from] Failure),
 }
 
 /// A way of moving events between replicas.

@@ -21,12 +21,12 @@ use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::timeout;
 
 use super::{Broker, BrokerError, BrokerSettings};
 use crate::backends::history::redis::{Library, RedisHistory, LIBRARY_VERSION};
+use crate::backends::history::HistoryError;
 use crate::backends::history::{History, PAGE, PAGE_BYTES};
-use crate::backends::redis::{Commands as Pool, Topology, COMMAND_TIMEOUT};
+use crate::backends::redis::{deadline, Commands as Pool, Failure, Topology};
 use crate::core::backoff::Backoff;
 use crate::core::position::Incoming::{Durable, Forged, Plain};
 use crate::core::position::{decode_durable, DurableKey, Mark, Position, ANY_EPOCH};
@@ -76,8 +76,34 @@ struct Manager {
     requests: mpsc::UnboundedReceiver<Request>,
 }
 
-/// Why a connected session ended.
-type Outage = String;
+/// Why a connected session ended (each is logged once, then the broker reconnects).
+#[derive(Debug, thiserror::Error)]
+enum Outage {
+    /// Redis failed or stopped answering.
+    #[error(transparent)]
+    Redis(#[from] Failure),
+    /// The durable-publish library could not be loaded or read.
+    #[error("the durable-publish function: {0}")]
+    Library(#[from] HistoryError),
+    /// The pub/sub connection ended.
+    #[error("the pub/sub connection closed")]
+    Closed,
+    /// A probe published on this replica's channel did not come back in time.
+    #[error("the subscription stopped delivering (probe {probe} not back after {after:?})")]
+    ProbeLost { probe: u64, after: Duration },
+    /// Redis counts no subscriber on a probe channel this replica subscribed to.
+    #[error("Redis reports no subscriber on this replica's probe channel {0:?}")]
+    ProbeUnheard(String),
+    /// Durable events arrive signed with another key.
+    #[error("the durable-publish library changed; resynchronising from history")]
+    LibraryChanged,
+    /// Redis dropped a shard channel's subscription (its slot moved).
+    #[error("Redis dropped the subscription of shard channel {0:?} (its slot moved)")]
+    ShardMoved(String),
+    /// The topology gave nothing to subscribe on.
+    #[error("{0}")]
+    NoMaster(&'static str),
+}
 
 impl RedisBroker {
     /// Starts the manager; the replica is not ready until the first connection is subscribed.
@@ -128,9 +154,8 @@ impl Broker for RedisBroker {
         let (tx, rx) = oneshot::channel();
         let sent = self.requests.send(Request::Subscribe(channels, tx));
         async move {
-            sent.map_err(|_| BrokerError("the Redis broker has stopped".into()))?;
-            rx.await
-                .unwrap_or_else(|_| Err(BrokerError("the Redis broker has stopped".into())))
+            sent.map_err(|_| BrokerError::Stopped)?;
+            rx.await.unwrap_or(Err(BrokerError::Stopped))
         }
         .boxed()
     }
@@ -150,7 +175,7 @@ impl Broker for RedisBroker {
             format!("{}{}", self.prefix, channel),
             payload,
         );
-        async move { sent.await.map(|_| ()).map_err(BrokerError) }.boxed()
+        async move { sent.await.map(|_| ()).map_err(BrokerError::from) }.boxed()
     }
 
     fn is_ready(&self) -> bool {
@@ -181,7 +206,7 @@ impl Manager {
                             req = self.requests.recv() => match req {
                                 None => return,
                                 Some(Request::Subscribe(_, reply)) => {
-                                    let _ = reply.send(Err(BrokerError("Redis is unreachable".into())));
+                                    let _ = reply.send(Err(BrokerError::Reconnecting));
                                 }
                                 Some(Request::Released(_)) => {}
                             }
@@ -206,11 +231,14 @@ impl Manager {
                 let client = topology
                     .master()
                     .await?
-                    .ok_or("no master to subscribe on")?;
-                let pubsub = timeout(COMMAND_TIMEOUT, client.get_async_pubsub())
-                    .await
-                    .map_err(|_| "connect timed out".to_string())?
-                    .map_err(|e| format!("connect failed: {e}"))?;
+                    .ok_or(Outage::NoMaster("no master to subscribe on"))?;
+                let pubsub = deadline("connecting for pub/sub", async {
+                    client
+                        .get_async_pubsub()
+                        .await
+                        .map_err(|e| Failure::Unreachable(e.to_string()))
+                })
+                .await?;
                 let (sink, stream) = pubsub.split();
                 (Sink::Classic(sink), Source::Classic(stream))
             }
@@ -218,18 +246,9 @@ impl Manager {
         // The key that verifies durable events: the library's, loaded first if this replica
         // writes history; read only (if any) if it does not.
         let key = if self.history.is_some() {
-            Some(
-                self.library
-                    .ensure()
-                    .await
-                    .map_err(|e| format!("cannot load the durable-publish function: {e}"))?,
-            )
+            Some(self.library.ensure().await?)
         } else {
-            self.library
-                .installed()
-                .await
-                .map_err(|e| format!("cannot read the durable-publish function: {e}"))?
-                .map(|(_, key)| key)
+            self.library.installed().await?.map(|(_, key)| key)
         };
         // Probes carry a nonce of this session, so that nothing published by others can
         // answer (or switch off) the probe.
@@ -389,10 +408,10 @@ impl Manager {
                         .min()
                         .unwrap_or(0);
                     if probe_sent > seen && probe_sent_at.elapsed() >= self.probe_every.mul_f64(0.9) {
-                        return Err(format!(
-                            "the subscription stopped delivering (probe {probe_sent} not back after {:?})",
-                            probe_sent_at.elapsed()
-                        ));
+                        return Err(Outage::ProbeLost {
+                            probe: probe_sent,
+                            after: probe_sent_at.elapsed(),
+                        });
                     }
                     if probe_sent == seen {
                         probe_sent += 1;
@@ -409,11 +428,9 @@ impl Manager {
                             let channel = channel.clone();
                             tokio::spawn(async move {
                                 let why = match send.await {
-                                    Ok(0) => format!(
-                                        "Redis reports no subscriber on this replica's probe channel {channel:?}"
-                                    ),
+                                    Ok(0) => Outage::ProbeUnheard(channel),
                                     Ok(_) => return,
-                                    Err(e) => e,
+                                    Err(e) => Outage::Redis(e),
                                 };
                                 let _ = failed.send(why);
                             });
@@ -421,7 +438,7 @@ impl Manager {
                     }
                 }
                 _ = &mut reader_done => {
-                    return Err("the pub/sub connection closed".into());
+                    return Err(Outage::Closed);
                 }
                 Some(why) = probe_failed.recv() => return Err(why),
                 Some(()) = suspect_rx.recv() => {
@@ -430,9 +447,7 @@ impl Manager {
                         continue;
                     }
                     checked_library_at = Some(Instant::now());
-                    let installed = self.library.installed().await.map_err(|e| {
-                        format!("cannot read the durable-publish function: {e}")
-                    })?;
+                    let installed = self.library.installed().await?;
                     let current = installed.as_ref().map(|(_, k)| k);
                     let outdated = installed
                         .as_ref()
@@ -440,7 +455,7 @@ impl Manager {
                     if current != key.as_ref() || outdated {
                         // Durable events signed with another key (Redis lost its library, an
                         // older replica replaced it): load ours again and fill from history.
-                        return Err("the durable-publish library changed; resynchronising from history".into());
+                        return Err(Outage::LibraryChanged);
                     }
                 }
                 Some(name) = lost_rx.recv() => {
@@ -449,9 +464,7 @@ impl Manager {
                         .is_some_and(|c| subscribed.contains(c))
                         || probe_seen.contains_key(&name);
                     if wanted {
-                        return Err(format!(
-                            "Redis dropped the subscription of shard channel {name:?} (its slot moved)"
-                        ));
+                        return Err(Outage::ShardMoved(name));
                     }
                 }
             }
@@ -495,18 +508,14 @@ impl Manager {
                 sink.subscribe(names).await?;
                 subscribed.extend(chunk.iter().cloned());
             }
-            Ok::<(), Outage>(())
+            Ok::<(), Failure>(())
         }
         .await;
         metrics::gauge!(m::SUBSCRIBED_CHANNELS).set(subscribed.len() as f64);
         for reply in replies {
-            let _ = reply.send(
-                result
-                    .clone()
-                    .map_err(|e| BrokerError(format!("Redis SUBSCRIBE failed: {e}"))),
-            );
+            let _ = reply.send(result.clone().map_err(BrokerError::from));
         }
-        result
+        result.map_err(Outage::from)
     }
 
     /// Delivers the durable events published while the subscription was down, from history:
@@ -602,12 +611,9 @@ impl Manager {
                 .arg("SLOTS")
                 .query_async::<redis::Value>(&mut conn)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(Failure::command("CLUSTER SLOTS"))
         };
-        let slots = timeout(COMMAND_TIMEOUT, work)
-            .await
-            .map_err(|_| "CLUSTER SLOTS timed out".to_string())?
-            .map_err(|e| format!("CLUSTER SLOTS failed: {e}"))?;
+        let slots = deadline("CLUSTER SLOTS", work).await?;
         // Each entry: start, end, [master ip, port, …], replicas…
         let mut masters: HashMap<String, Vec<(u16, u16)>> = HashMap::new();
         if let redis::Value::Array(entries) = slots {
@@ -629,7 +635,7 @@ impl Manager {
             }
         }
         if masters.is_empty() {
-            return Err("CLUSTER SLOTS named no master".into());
+            return Err(Outage::NoMaster("CLUSTER SLOTS named no master"));
         }
         let mut probes = Vec::new();
         for ranges in masters.values() {
@@ -642,7 +648,9 @@ impl Manager {
                     let s = crate::backends::redis::slot(n.as_bytes());
                     ranges.iter().any(|(a, b)| *a <= s && s <= *b)
                 })
-                .ok_or("no probe channel name lands on a master's slots")?;
+                .ok_or(Outage::NoMaster(
+                    "no probe channel name lands on a master's slots",
+                ))?;
             probes.push(name);
         }
         probes.sort();
@@ -661,20 +669,17 @@ async fn publish_raw(
     command: &'static str,
     channel: String,
     payload: Bytes,
-) -> Result<i64, Outage> {
+) -> Result<i64, Failure> {
     let work = async {
-        let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+        let mut conn = pool.get().await?;
         redis::cmd(command)
             .arg(&channel)
             .arg(&payload[..])
             .query_async::<i64>(&mut conn)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(Failure::command(command))
     };
-    timeout(COMMAND_TIMEOUT, work)
-        .await
-        .map_err(|_| format!("Redis {command} timed out"))?
-        .map_err(|e| format!("Redis {command} failed: {e}"))
+    deadline(command, work).await
 }
 
 /// Where a session's messages come from.
@@ -691,15 +696,15 @@ enum Sink {
 }
 
 impl Sink {
-    async fn subscribe(&mut self, names: Vec<String>) -> Result<(), Outage> {
+    async fn subscribe(&mut self, names: Vec<String>) -> Result<(), Failure> {
         self.change(names, true).await
     }
 
-    async fn unsubscribe(&mut self, names: Vec<String>) -> Result<(), Outage> {
+    async fn unsubscribe(&mut self, names: Vec<String>) -> Result<(), Failure> {
         self.change(names, false).await
     }
 
-    async fn change(&mut self, names: Vec<String>, on: bool) -> Result<(), Outage> {
+    async fn change(&mut self, names: Vec<String>, on: bool) -> Result<(), Failure> {
         let verb = if on { "SUBSCRIBE" } else { "UNSUBSCRIBE" };
         let work = async {
             match self {
@@ -727,10 +732,7 @@ impl Sink {
                 }
             }
         };
-        timeout(COMMAND_TIMEOUT, work)
-            .await
-            .map_err(|_| format!("{verb} timed out"))?
-            .map_err(|e| format!("{verb} failed: {e}"))
+        deadline(verb, async { work.await.map_err(Failure::command(verb)) }).await
     }
 }
 

@@ -100,7 +100,7 @@ impl History for MemoryHistory {
                 );
             }
             let Some(c) = map.get_mut(&channel) else {
-                return future::ready(Err(HistoryError("history entry vanished".into()))).boxed();
+                return future::ready(Err(HistoryError::Vanished)).boxed();
             };
             let ms = now_ms().max(c.last.ms);
             let pos = if ms == c.last.ms {

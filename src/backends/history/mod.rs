@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
+use crate::backends::redis::Failure;
 use crate::core::position::{Mark, Position};
 
 /// What a history keeps, whatever its backend (built from `SSE_GATEWAY_*` by the composition
@@ -52,13 +53,19 @@ pub struct Page {
 }
 
 /// Why history could not be read or written.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HistoryError(pub String);
-
-impl std::fmt::Display for HistoryError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HistoryError {
+    /// Redis failed, timed out or answered what the gateway cannot read.
+    #[error(transparent)]
+    Redis(#[from] Failure),
+    /// The installed durable-publish library holds no usable key.
+    #[error(
+        "{0} holds no usable durable-event key (delete it and let a replica agree on a new one)"
+    )]
+    NoKey(String),
+    /// The in-memory history lost an entry while writing it.
+    #[error("the history entry vanished while it was written")]
+    Vanished,
 }
 
 /// Stored, resumable events.

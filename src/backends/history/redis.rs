@@ -19,10 +19,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
 use redis::{Script, Value};
-use tokio::time::timeout;
 
 use super::{History, HistoryError, HistorySettings, Page, Stored};
-use crate::backends::redis::{Commands as Pool, COMMAND_TIMEOUT};
+use crate::backends::redis::{deadline, Commands as Pool, Failure};
 use crate::core::position::{DurableKey, Mark, Position, NO_EPOCH};
 
 /// The version of `library.lua`. Replicas never replace a library whose version is higher, so
@@ -89,14 +88,14 @@ impl Library {
     /// from before keys (it has no info function).
     pub async fn installed(&self) -> Result<Option<(i64, DurableKey)>, HistoryError> {
         let work = async {
-            let mut conn = self.0.pool.get().await.map_err(err)?;
+            let mut conn = self.0.pool.get().await?;
             let listed: Value = redis::cmd("FUNCTION")
                 .arg("LIST")
                 .arg("LIBRARYNAME")
                 .arg(&self.0.name)
                 .query_async(&mut conn)
                 .await
-                .map_err(err)?;
+                .map_err(Failure::command("FUNCTION LIST"))?;
             if !mentions(&listed, &self.0.info) {
                 return Ok(None);
             }
@@ -105,14 +104,12 @@ impl Library {
                 .arg(0)
                 .query_async(&mut conn)
                 .await
-                .map_err(err)?;
+                .map_err(Failure::command("reading the durable-publish library"))?;
             let key = DurableKey::from_hex(&hex)
-                .ok_or_else(|| err("the installed library holds no usable key"))?;
+                .ok_or_else(|| HistoryError::NoKey(format!("the library {}", self.0.name)))?;
             Ok(Some((version, key)))
         };
-        timeout(COMMAND_TIMEOUT, work)
-            .await
-            .map_err(|_| err("reading the installed library timed out"))?
+        deadline("reading the installed library", work).await
     }
 
     /// Makes sure a library of this version or newer is in place; the key it signs with.
@@ -127,16 +124,18 @@ impl Library {
             }
         }
         // Read back what is in place: a replica loading at the same moment may have won.
-        self.installed()
-            .await?
-            .map(|(_, key)| key)
-            .ok_or_else(|| err("the durable-publish library is missing right after loading it"))
+        self.installed().await?.map(|(_, key)| key).ok_or_else(|| {
+            HistoryError::NoKey(format!(
+                "the library {} (missing right after loading it)",
+                self.0.name
+            ))
+        })
     }
 
     /// One key for every replica that finds no library: the first `SET NX` wins.
     async fn agreed_key(&self) -> Result<DurableKey, HistoryError> {
         let work = async {
-            let mut conn = self.0.pool.get().await.map_err(err)?;
+            let mut conn = self.0.pool.get().await?;
             let name = agreed_key_name(&self.0.prefix);
             let _: Value = redis::cmd("SET")
                 .arg(&name)
@@ -144,35 +143,30 @@ impl Library {
                 .arg("NX")
                 .query_async(&mut conn)
                 .await
-                .map_err(err)?;
+                .map_err(Failure::command("SET NX of the durable-event key"))?;
             let hex: String = redis::cmd("GET")
                 .arg(&name)
                 .query_async(&mut conn)
                 .await
-                .map_err(err)?;
-            DurableKey::from_hex(&hex).ok_or_else(|| err(format!("{name} holds no usable key")))
+                .map_err(Failure::command("GET of the durable-event key"))?;
+            DurableKey::from_hex(&hex).ok_or_else(|| HistoryError::NoKey(name.clone()))
         };
-        timeout(COMMAND_TIMEOUT, work)
-            .await
-            .map_err(|_| err("agreeing on the durable-event key timed out"))?
+        deadline("agreeing on the durable-event key", work).await
     }
 
     async fn load(&self, key: &DurableKey) -> Result<(), HistoryError> {
         let source = self.source(key);
         let work = async {
-            let mut conn = self.0.pool.get().await.map_err(err)?;
+            let mut conn = self.0.pool.get().await?;
             redis::cmd("FUNCTION")
                 .arg("LOAD")
                 .arg("REPLACE")
                 .arg(&source)
                 .query_async::<String>(&mut conn)
                 .await
-                .map_err(err)
+                .map_err(|e| Failure::command("FUNCTION LOAD")(e).into())
         };
-        timeout(COMMAND_TIMEOUT, work)
-            .await
-            .map_err(|_| err("FUNCTION LOAD timed out"))?
-            .map(|_| ())
+        deadline("FUNCTION LOAD", work).await.map(|_| ())
     }
 }
 
@@ -219,10 +213,6 @@ fn script(name: &str, body: &str) -> String {
     format!("-- {name}\n{}{body}", include_str!("ids.lua"))
 }
 
-fn err(e: impl std::fmt::Display) -> HistoryError {
-    HistoryError(e.to_string())
-}
-
 fn text(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
@@ -265,7 +255,7 @@ impl Inner {
     }
 
     async fn fcall(&self, channel: &str, payload: &[u8]) -> Result<Mark, HistoryError> {
-        let mut conn = self.pool.get().await.map_err(err)?;
+        let mut conn = self.pool.get().await?;
         let mut loaded_again = false;
         loop {
             let reply: Result<Vec<String>, _> = redis::cmd("FCALL")
@@ -280,20 +270,31 @@ impl Inner {
                 .await;
             match reply {
                 Ok(v) if v.len() == 2 => {
-                    let pos = Position::parse(&v[1]).ok_or_else(|| err("bad stream id"))?;
+                    let pos = Position::parse(&v[1]).ok_or_else(|| {
+                        Failure::Reply(format!("stream id {:?} from the publish function", v[1]))
+                    })?;
                     return Ok(Mark {
                         epoch: v[0].clone(),
                         pos,
                     });
                 }
-                Ok(_) => return Err(err("unexpected reply from the publish function")),
-                Err(e) if !loaded_again && e.to_string().contains("Function not found") => {
+                Ok(_) => {
+                    return Err(Failure::Reply(
+                        "the publish function answered no [epoch, id]".into(),
+                    )
+                    .into())
+                }
+                Err(e) => {
+                    let failure = Failure::command("FCALL of the publish function")(e);
+                    if loaded_again || !failure.is_missing_function() {
+                        return Err(failure.into());
+                    }
+                    // Redis restarted empty or flushed its functions: load ours, once.
                     drop(conn);
                     self.library.ensure().await?;
-                    conn = self.pool.get().await.map_err(err)?;
+                    conn = self.pool.get().await?;
                     loaded_again = true;
                 }
-                Err(e) => return Err(err(e)),
             }
         }
     }
@@ -315,15 +316,13 @@ impl History for RedisHistory {
                 .arg(&mark.epoch)
                 .arg(mark.pos.to_string());
             let work = async {
-                let mut conn = this.pool.get().await.map_err(err)?;
+                let mut conn = this.pool.get().await?;
                 invocation
                     .invoke_async::<i64>(&mut conn)
                     .await
-                    .map_err(err)
+                    .map_err(Failure::command("recording a lost position"))
             };
-            let recorded = timeout(COMMAND_TIMEOUT, work)
-                .await
-                .map_err(|_| err("recording a lost position timed out"))??;
+            let recorded = deadline("recording a lost position", work).await?;
             if recorded == 1 {
                 tracing::warn!(
                     channel,
@@ -342,12 +341,7 @@ impl History for RedisHistory {
         payload: Bytes,
     ) -> BoxFuture<'static, Result<Mark, HistoryError>> {
         let this = self.0.clone();
-        async move {
-            timeout(COMMAND_TIMEOUT, this.fcall(&channel, &payload))
-                .await
-                .map_err(|_| err("durable publish timed out"))?
-        }
-        .boxed()
+        async move { deadline("durable publish", this.fcall(&channel, &payload)).await }.boxed()
     }
 
     fn marks(&self, channels: Vec<String>) -> BoxFuture<'static, Result<Vec<Mark>, HistoryError>> {
@@ -364,8 +358,11 @@ impl History for RedisHistory {
                         .arg("COUNT")
                         .arg(1);
                 }
-                let mut conn = this.pool.get().await.map_err(err)?;
-                let replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(err)?;
+                let mut conn = this.pool.get().await?;
+                let replies: Vec<Value> = pipe
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(Failure::command("reading history marks"))?;
                 let mut marks = Vec::with_capacity(channels.len());
                 for pair in replies.chunks(2) {
                     let epoch = pair.first().and_then(text);
@@ -389,9 +386,7 @@ impl History for RedisHistory {
                 }
                 Ok(marks)
             };
-            timeout(COMMAND_TIMEOUT, work)
-                .await
-                .map_err(|_| err("reading history marks timed out"))?
+            deadline("reading history marks", work).await
         }
         .boxed()
     }
@@ -416,12 +411,15 @@ impl History for RedisHistory {
                     .arg(limit)
                     .arg(NO_EPOCH)
                     .arg(max_bytes);
-                let mut conn = this.pool.get().await.map_err(err)?;
-                let reply: Vec<Value> = invocation.invoke_async(&mut conn).await.map_err(err)?;
+                let mut conn = this.pool.get().await?;
+                let reply: Vec<Value> = invocation
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(Failure::command("reading history"))?;
                 let epoch = reply
                     .first()
                     .and_then(text)
-                    .ok_or_else(|| err("bad history reply"))?;
+                    .ok_or_else(|| Failure::Reply("history read without an epoch".into()))?;
                 let gap = matches!(reply.get(1), Some(Value::Int(1)));
                 let mut events = Vec::new();
                 if let Some(Value::Array(entries)) = reply.get(2) {
@@ -452,9 +450,7 @@ impl History for RedisHistory {
                     more,
                 })
             };
-            timeout(COMMAND_TIMEOUT, work)
-                .await
-                .map_err(|_| err("reading history timed out"))?
+            deadline("reading history", work).await
         }
         .boxed()
     }

@@ -35,7 +35,7 @@ use tokio::sync::oneshot;
 use tokio::time::{timeout, Instant};
 
 use super::{LimitError, Limiter};
-use crate::backends::redis::{Commands as Pool, COMMAND_TIMEOUT};
+use crate::backends::redis::{deadline, Commands as Pool, Failure};
 use crate::core::backoff::Backoff;
 use crate::core::hub::{CloseReason, Hub};
 
@@ -189,22 +189,20 @@ impl Inner {
     }
 
     /// Reads the registry now, with Redis's clock, and keeps the copy.
-    async fn read_registry(&self) -> Result<Leases, String> {
+    async fn read_registry(&self) -> Result<Leases, Failure> {
         let work = async {
-            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            let mut conn = self.pool.get().await?;
             self.read_leases
                 .key(self.registry_key())
                 .invoke_async::<Vec<Value>>(&mut conn)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(Failure::command("reading the replica registry"))
         };
-        let reply = timeout(COMMAND_TIMEOUT, work)
-            .await
-            .map_err(|_| "reading the replica registry timed out".to_string())??;
+        let reply = deadline("reading the replica registry", work).await?;
         let read_at = reply
             .first()
             .and_then(int)
-            .ok_or("unexpected registry reply")?;
+            .ok_or_else(|| Failure::Reply("a registry read without Redis's time".into()))?;
         let leases = Leases {
             read_at,
             expiries: pairs(&reply[1..]),
@@ -234,24 +232,26 @@ impl Inner {
                 for (id, expiry) in &leases.expiries {
                     invocation.arg(id).arg(*expiry);
                 }
-                let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+                let mut conn = self.pool.get().await?;
                 let n = invocation
                     .invoke_async::<i64>(&mut conn)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(Failure::command("the slot admission"))?;
                 if n != -1 {
-                    return Ok::<i64, String>(n);
+                    return Ok::<i64, Failure>(n);
                 }
                 // A member's replica looks dead or unknown in a copy that may be old: judge it
                 // by a fresh read, never by the cache (it may have renewed since).
                 leases = self.read_registry().await?;
                 fresh = true;
             }
-            Err("the replica registry kept changing during the admission".into())
+            Err(Failure::Busy(
+                "the replica registry kept changing during the admission",
+            ))
         };
-        match timeout(COMMAND_TIMEOUT, work).await {
-            Ok(Ok(0)) => Err(LimitError::UserLimit { limit: self.limit }),
-            Ok(Ok(-2)) => {
+        match deadline("the slot admission", work).await {
+            Ok(0) => Err(LimitError::UserLimit { limit: self.limit }),
+            Ok(-2) => {
                 // Our lease ran out by Redis's clock (a pause, a partition): stop admitting
                 // until the upkeep has renewed it and re-asserted our slots.
                 *lock(&self.valid_until) = None;
@@ -260,30 +260,22 @@ impl Inner {
                         .into(),
                 ))
             }
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(LimitError::Unavailable(format!(
-                "Redis refused the slot admission: {e}"
-            ))),
-            Err(_) => Err(LimitError::Unavailable(
-                "Redis did not answer the slot admission in time".into(),
-            )),
+            Ok(_) => Ok(()),
+            Err(e) => Err(LimitError::Unavailable(e.to_string())),
         }
     }
 
-    async fn remove(&self, sub: &str, stream: u64) -> Result<(), String> {
+    async fn remove(&self, sub: &str, stream: u64) -> Result<(), Failure> {
         let work = async {
-            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            let mut conn = self.pool.get().await?;
             redis::cmd("ZREM")
                 .arg(self.slots_key(sub))
                 .arg(self.member(stream))
                 .query_async::<i64>(&mut conn)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(Failure::command("ZREM of a slot"))
         };
-        timeout(COMMAND_TIMEOUT, work)
-            .await
-            .map_err(|_| "timed out".to_string())?
-            .map(|_| ())
+        deadline("releasing a slot", work).await.map(|_| ())
     }
 
     fn forget(&self, sub: &str, stream: u64) {
@@ -297,7 +289,7 @@ impl Inner {
     }
 
     /// Renews the lease; returns whether it had lapsed (or vanished) before this renewal.
-    async fn renew(&self) -> Result<bool, String> {
+    async fn renew(&self) -> Result<bool, Failure> {
         let lease_ms = self.lease.as_millis() as i64;
         let mut invocation = self.registry.key(self.registry_key());
         invocation
@@ -307,18 +299,18 @@ impl Inner {
             .arg(&self.admin_addr);
         let sent = Instant::now();
         let work = async {
-            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            let mut conn = self.pool.get().await?;
             invocation
                 .invoke_async::<Vec<Value>>(&mut conn)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(Failure::command("the lease renewal"))
         };
-        let reply = timeout(COMMAND_TIMEOUT, work)
-            .await
-            .map_err(|_| "lease renewal timed out".to_string())??;
+        let reply = deadline("lease renewal", work).await?;
         let (Some(prev), Some(now)) = (reply.first().and_then(int), reply.get(1).and_then(int))
         else {
-            return Err("unexpected lease renewal reply".into());
+            return Err(Failure::Reply(
+                "a lease renewal without [previous expiry, time]".into(),
+            ));
         };
         *self.leases.write().unwrap_or_else(|p| p.into_inner()) = Leases {
             read_at: now,
@@ -333,7 +325,7 @@ impl Inner {
 
     /// Re-asserts every slot this replica holds, a bounded number of users at a time, each
     /// chunk judged by its own fresh registry read; closes streams that no longer fit.
-    async fn reclaim_all(&self) -> Result<(), String> {
+    async fn reclaim_all(&self) -> Result<(), Failure> {
         use futures_util::stream::StreamExt;
         let snapshot: Vec<(String, Vec<u64>)> = lock(&self.held)
             .iter()
@@ -348,7 +340,7 @@ impl Inner {
                 .iter()
                 .map(|(sub, streams)| self.reclaim_user(sub, streams, &leases))
                 .collect();
-            let results: Vec<Result<Reclaimed, String>> = futures_util::stream::iter(calls)
+            let results: Vec<Result<Reclaimed, Failure>> = futures_util::stream::iter(calls)
                 .buffer_unordered(RECLAIM_CONCURRENCY)
                 .collect()
                 .await;
@@ -387,7 +379,7 @@ impl Inner {
         sub: &str,
         streams: &[u64],
         leases: &Leases,
-    ) -> Result<Reclaimed, String> {
+    ) -> Result<Reclaimed, Failure> {
         let mut invocation = self.reclaim.key(self.slots_key(sub));
         invocation
             .arg(self.limit)
@@ -404,15 +396,13 @@ impl Inner {
             invocation.arg(id).arg(*expiry);
         }
         let work = async {
-            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            let mut conn = self.pool.get().await?;
             invocation
                 .invoke_async::<Value>(&mut conn)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(Failure::command("re-asserting slots"))
         };
-        let reply = timeout(COMMAND_TIMEOUT, work)
-            .await
-            .map_err(|_| "slot reclaim timed out".to_string())??;
+        let reply = deadline("slot reclaim", work).await?;
         match reply {
             Value::Array(members) => Ok((
                 sub.to_string(),
@@ -426,7 +416,9 @@ impl Inner {
                     .collect(),
             )),
             // The registry read grew old while the chunk was sent: the next pass retries.
-            _ => Err("the registry read was too old to re-assert slots by".into()),
+            _ => Err(Failure::Busy(
+                "the registry read was too old to re-assert slots by",
+            )),
         }
     }
 
