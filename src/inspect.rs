@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, UNIX_EPOCH};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::backends::limits::redis::{admin_key, registry_key, slots_key};
@@ -39,25 +41,45 @@ fn secs(ms: i64) -> String {
     format!("{:.1}s", ms as f64 / 1000.0)
 }
 
-/// GET on a replica's admin port; the body, or why not.
+/// GET on a replica's admin port (hyper's HTTP/1.1 client); the body, or why not.
 async fn admin_get(addr: &str, path: &str, token: Option<&str>) -> Result<String, String> {
     let work = async {
-        let mut tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
-        tcp.write_all(req.as_bytes())
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
             .map_err(|e| e.to_string())?;
-        let mut raw = Vec::new();
-        tcp.read_to_end(&mut raw).await.map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&raw).to_string();
-        let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP answer")?;
-        if !head.starts_with("HTTP/1.1 200") {
-            return Err(head.lines().next().unwrap_or("").to_string());
+        let mut request = http::Request::get(path).header(http::header::HOST, addr);
+        if let Some(t) = token {
+            request = request.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        Ok(body.to_string())
+        let request = request
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let exchange = async {
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            if status != http::StatusCode::OK {
+                return Err(format!("HTTP {status}"));
+            }
+            Ok(String::from_utf8_lossy(&body).into_owned())
+        };
+        // The connection is driven here, beside the exchange, and dropped with it.
+        tokio::select! {
+            answer = exchange => answer,
+            ended = connection => Err(match ended {
+                Ok(()) => "the connection closed before the answer".to_string(),
+                Err(e) => e.to_string(),
+            }),
+        }
     };
     tokio::time::timeout(Duration::from_secs(2), work)
         .await
@@ -88,10 +110,9 @@ pub async fn run(redis_url: &str, prefix: &str, q: &Query) -> Result<String, Str
         .map_err(|e| format!("--redis-url: {e}"))?;
     let sharded = topology.sharded();
     let commands = crate::backends::redis::Commands::new(topology);
-    let mut conn = tokio::time::timeout(Duration::from_secs(5), commands.get())
+    let mut conn = crate::backends::redis::deadline("connecting to Redis", commands.get())
         .await
-        .map_err(|_| "cannot reach Redis (--redis-url) within 5 s".to_string())?
-        .map_err(|e| format!("cannot connect to Redis: {e}"))?;
+        .map_err(|e| format!("--redis-url: {e}"))?;
     let (now_s, now_us): (i64, i64) = redis::cmd("TIME")
         .query_async(&mut conn)
         .await

@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::net::{mint, open, unix_nanos, Decoder, Event};
+use sse_testkit::sse::{Block, Decoder};
+
+use crate::net::{mint, open, stamp, unix_nanos};
 use crate::stats::{add_buckets, buckets, histogram, Buckets, Stats, Tick};
 
 /// What the streams do.
@@ -281,11 +283,11 @@ async fn stream_task(
         let mut decoder = Decoder::new(stream.chunked);
         let mut pending = std::mem::take(&mut stream.rest);
         loop {
-            let mut on_event = |e: Event| {
-                if e.name.as_deref() == Some("gateway.gap") {
+            let mut on_event = |e: Block| {
+                if e.event.as_deref() == Some("gateway.gap") {
                     summary.gaps += 1;
                     sequence.gap_pending = true;
-                } else if let Some((sent, seq)) = e.stamp() {
+                } else if let Some((sent, seq)) = e.data.as_deref().and_then(stamp) {
                     let now = unix_nanos();
                     latencies.push(now.saturating_sub(sent) / 1000);
                     summary.received += 1;

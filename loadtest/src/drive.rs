@@ -82,10 +82,11 @@ impl Publisher {
                 .is_ok(),
             (Via::Gateway { targets, .. }, Conn::Http(tcp)) => {
                 let body = serde_json::json!({ "channel": channel, "data": payload }).to_string();
-                let headers = format!(
-                    "Authorization: Bearer {}\r\nContent-Type: application/json\r\n",
-                    self.token
-                );
+                let auth = format!("Bearer {}", self.token);
+                let headers = [
+                    ("Authorization", auth.as_str()),
+                    ("Content-Type", "application/json"),
+                ];
                 // Try each replica once: a killed one must not stop the publisher.
                 for _ in 0..targets.len() {
                     let addr = targets[self.target % targets.len()];
@@ -113,7 +114,7 @@ impl Publisher {
                     return false;
                 };
                 let path = format!("{path}?channel={channel}");
-                match post(t, &addr.to_string(), &path, "", payload, &mut self.buf).await {
+                match post(t, &addr.to_string(), &path, &[], payload, &mut self.buf).await {
                     Ok(s) => (200..300).contains(&s),
                     Err(_) => {
                         *tcp = None;

@@ -1,4 +1,6 @@
-//! Connections, tokens and the SSE decoder the scenarios share.
+//! Connections and tokens the scenarios share, on top of `sse-testkit` (the HTTP/1.1 request
+//! writer and head reader, the SSE decoder, HS256 minting and metric scraping the gateway's
+//! own tests use).
 //!
 //! The client speaks HTTP/1.1 by hand (one small request, then the body read straight off the
 //! socket) so that tens of thousands of streams cost the generator little, and so that the same
@@ -7,7 +9,9 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use sse_testkit::http::{exchange, read_head, request_bytes};
+use sse_testkit::tokens::token_with;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Waits until `start + offset` precisely: the timer wheel ticks per millisecond, so it sleeps to
@@ -28,20 +32,11 @@ pub(crate) fn unix_nanos() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-fn sign(claims: &serde_json::Value, secret: &str) -> String {
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .expect("HS256 signing cannot fail")
-}
-
 /// A subscriber token for one channel, valid for a day.
 pub(crate) fn mint(secret: &str, sub: &str, channel: &str) -> String {
     let exp = unix_nanos() / 1_000_000_000 + 86_400;
-    sign(
-        &serde_json::json!({ "sub": sub, "exp": exp, "channels": [channel] }),
+    token_with(
+        serde_json::json!({ "sub": sub, "exp": exp, "channels": [channel] }),
         secret,
     )
 }
@@ -49,8 +44,8 @@ pub(crate) fn mint(secret: &str, sub: &str, channel: &str) -> String {
 /// A publisher token for every channel.
 pub(crate) fn mint_publisher(secret: &str) -> String {
     let exp = unix_nanos() / 1_000_000_000 + 86_400;
-    sign(
-        &serde_json::json!({ "sub": "loadtest-publisher", "exp": exp, "publish": ["*"] }),
+    token_with(
+        serde_json::json!({ "sub": "loadtest-publisher", "exp": exp, "publish": ["*"] }),
         secret,
     )
 }
@@ -117,146 +112,42 @@ pub(crate) async fn open(
     let mut tcp = connect(target, source)
         .await
         .map_err(|e| format!("connect {target}: {e}"))?;
-    let resume = last_event_id
-        .map(|id| format!("Last-Event-ID: {id}\r\n"))
-        .unwrap_or_default();
-    let req = format!(
-        "GET /events?channel={channel} HTTP/1.1\r\nHost: {target}\r\nAuthorization: Bearer {token}\r\nAccept: text/event-stream\r\n{resume}\r\n"
-    );
-    tcp.write_all(req.as_bytes())
+    let auth = format!("Bearer {token}");
+    let host = target.to_string();
+    let mut headers = vec![
+        ("Host", host.as_str()),
+        ("Authorization", auth.as_str()),
+        ("Accept", "text/event-stream"),
+    ];
+    if let Some(id) = last_event_id {
+        headers.push(("Last-Event-ID", id));
+    }
+    let path = format!("/events?channel={channel}");
+    tcp.write_all(&request_bytes("GET", &path, &headers, b""))
         .await
         .map_err(|e| e.to_string())?;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("closed before the response head".into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            if !head.starts_with("http/1.1 200") {
-                return Err(head.lines().next().unwrap_or("").to_string());
-            }
-            return Ok(Stream {
-                tcp,
-                rest: buf[end + 4..].to_vec(),
-                chunked: head.contains("transfer-encoding: chunked"),
-            });
-        }
+    let mut rest = Vec::with_capacity(1024);
+    let head = read_head(&mut tcp, &mut rest).await?;
+    if head.status != 200 {
+        return Err(format!("HTTP {}", head.status));
     }
+    Ok(Stream {
+        tcp,
+        rest,
+        chunked: head.chunked(),
+    })
 }
 
-/// One SSE event as the client sees it.
-#[derive(Default, Debug)]
-pub(crate) struct Event {
-    pub(crate) id: Option<String>,
-    pub(crate) name: Option<String>,
-    pub(crate) data: String,
-}
-
-impl Event {
-    /// The payload convention of every scenario: `<intended send time in ns>[ <sequence>]`.
-    pub(crate) fn stamp(&self) -> Option<(u64, Option<u64>)> {
-        let mut words = self.data.split_ascii_whitespace();
-        let sent = words.next()?.parse().ok()?;
-        Some((sent, words.next().and_then(|s| s.parse().ok())))
-    }
-}
-
-/// Decodes the body of a stream (chunked or not) into SSE events, following the SSE parsing
-/// rules closely enough for the three systems under test: fields `id`, `event`, `data`; a blank
-/// line dispatches; comments are skipped.
-pub(crate) struct Decoder {
-    chunked: bool,
-    raw: Vec<u8>,
-    body: Vec<u8>,
-    event: Event,
-    has_data: bool,
-}
-
-impl Decoder {
-    pub(crate) fn new(chunked: bool) -> Self {
-        Self {
-            chunked,
-            raw: Vec::new(),
-            body: Vec::new(),
-            event: Event::default(),
-            has_data: false,
-        }
-    }
-
-    /// Feeds bytes read from the socket; calls `on_event` for every complete event.
-    pub(crate) fn feed(&mut self, bytes: &[u8], mut on_event: impl FnMut(Event)) {
-        if self.chunked {
-            self.raw.extend_from_slice(bytes);
-            let mut at = 0;
-            while let Some(eol) = self.raw[at..].windows(2).position(|w| w == b"\r\n") {
-                let size = std::str::from_utf8(&self.raw[at..at + eol])
-                    .ok()
-                    .and_then(|s| usize::from_str_radix(s.split(';').next()?.trim(), 16).ok())
-                    .unwrap_or(0);
-                let start = at + eol + 2;
-                if self.raw.len() < start + size + 2 {
-                    break;
-                }
-                self.body.extend_from_slice(&self.raw[start..start + size]);
-                at = start + size + 2;
-            }
-            self.raw.drain(..at);
-        } else {
-            self.body.extend_from_slice(bytes);
-        }
-        let mut consumed = 0;
-        while let Some(nl) = self.body[consumed..].iter().position(|&b| b == b'\n') {
-            let mut line = &self.body[consumed..consumed + nl];
-            consumed += nl + 1;
-            if let Some(stripped) = line.strip_suffix(b"\r") {
-                line = stripped;
-            }
-            if line.is_empty() {
-                // An id-only block still moves the client's cursor (as in the SSE spec), so it is
-                // passed on; its empty data carries no stamp.
-                if self.has_data || self.event.id.is_some() {
-                    on_event(std::mem::take(&mut self.event));
-                }
-                self.event = Event::default();
-                self.has_data = false;
-                continue;
-            }
-            let text = String::from_utf8_lossy(line);
-            let (field, value) = match text.split_once(':') {
-                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-                None => (text.as_ref(), ""),
-            };
-            match field {
-                "data" => {
-                    if self.has_data {
-                        self.event.data.push('\n');
-                    }
-                    self.event.data.push_str(value);
-                    self.has_data = true;
-                }
-                "id" => self.event.id = Some(value.to_string()),
-                "event" => self.event.name = Some(value.to_string()),
-                _ => {}
-            }
-        }
-        self.body.drain(..consumed);
-    }
+/// The payload convention of every scenario: `<intended send time in ns>[ <sequence>]`.
+pub(crate) fn stamp(data: &str) -> Option<(u64, Option<u64>)> {
+    let mut words = data.split_ascii_whitespace();
+    let sent = words.next()?.parse().ok()?;
+    Some((sent, words.next().and_then(|s| s.parse().ok())))
 }
 
 /// Reads one Prometheus sample from a replica's `/metrics`.
 pub(crate) async fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
-    let mut tcp = TcpStream::connect(admin).await.ok()?;
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        .await
-        .ok()?;
-    let mut text = String::new();
-    tcp.read_to_string(&mut text).await.ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    sse_testkit::metrics::sample(&sse_testkit::metrics::scrape(admin).await?, name)
 }
 
 /// Sends one HTTP/1.1 POST on a keep-alive connection and reads the answer; returns the status.
@@ -264,80 +155,17 @@ pub(crate) async fn post(
     tcp: &mut TcpStream,
     host: &str,
     path: &str,
-    headers: &str,
+    headers: &[(&str, &str)],
     body: &str,
     buf: &mut Vec<u8>,
 ) -> Result<u16, String> {
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    tcp.write_all(req.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    buf.clear();
-    let mut chunk = [0u8; 2048];
-    loop {
-        let n = tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("connection closed".into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            continue;
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-        let len: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        if buf.len() >= end + 4 + len {
-            return Ok(head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0));
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn decodes_chunked_events_split_anywhere() {
-        let body =
-            b"retry: 1000\n: ok\n\nid: a1\nevent: gateway.gap\ndata: {}\n\nid: a2\ndata: 123 7\n\n";
-        let mut wire = Vec::new();
-        for part in body.chunks(7) {
-            wire.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
-            wire.extend_from_slice(part);
-            wire.extend_from_slice(b"\r\n");
-        }
-        for split in [1, 3, 5, 64] {
-            let mut d = Decoder::new(true);
-            let mut got = Vec::new();
-            for piece in wire.chunks(split) {
-                d.feed(piece, |e| got.push(e));
-            }
-            assert_eq!(got.len(), 2, "split {split}");
-            assert_eq!(got[0].name.as_deref(), Some("gateway.gap"));
-            assert_eq!(got[1].id.as_deref(), Some("a2"));
-            assert_eq!(got[1].stamp(), Some((123, Some(7))));
-        }
-    }
-
-    #[test]
-    fn decodes_plain_bodies_with_crlf_lines() {
-        let mut d = Decoder::new(false);
-        let mut got = Vec::new();
-        d.feed(b"data: 5\r\n\r\ndata: 6\r\n", |e| got.push(e));
-        d.feed(b"\r\n", |e| got.push(e));
-        assert_eq!(
-            got.iter().map(|e| e.stamp()).collect::<Vec<_>>(),
-            vec![Some((5, None)), Some((6, None))]
-        );
-    }
+    let mut all = vec![("Host", host)];
+    all.extend_from_slice(headers);
+    exchange(
+        tcp,
+        &request_bytes("POST", path, &all, body.as_bytes()),
+        buf,
+    )
+    .await
+    .map(|reply| reply.status)
 }

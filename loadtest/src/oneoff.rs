@@ -165,15 +165,17 @@ pub(crate) async fn publish_throughput(
                 let mut tcp = TcpStream::connect(target).await.expect("connect");
                 let _ = tcp.set_nodelay(true);
                 let mut buf = Vec::new();
+                let auth = format!("Bearer {token}");
                 for i in 0..per {
                     let body = format!("{{\"channel\":\"{channel}\",\"data\":\"w{w}-{i}\"}}");
                     if let Ok(202) = post(
                         &mut tcp,
                         &target.to_string(),
                         "/publish",
-                        &format!(
-                            "Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
-                        ),
+                        &[
+                            ("Authorization", auth.as_str()),
+                            ("Content-Type", "application/json"),
+                        ],
                         &body,
                         &mut buf,
                     )

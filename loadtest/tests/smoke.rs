@@ -1,55 +1,10 @@
 //! The load tool checks itself against a real gateway and Redis, with small numbers: every
 //! scenario runs, and what it reports adds up. Not a speed test.
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-const SECRET: &str = "smoke-secret-0123456789abcdef";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn gateway_binary() -> PathBuf {
-    // Built beside this tool by `cargo test --workspace`.
-    let tool = PathBuf::from(env!("CARGO_BIN_EXE_sse-loadtest"));
-    tool.with_file_name("sse-gateway")
-}
-
-fn wait_http(url_port: u16, path: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let ok = Command::new("curl")
-            .args([
-                "-fsS",
-                "-o",
-                "/dev/null",
-                &format!("http://127.0.0.1:{url_port}{path}"),
-            ])
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return;
-        }
-        assert!(Instant::now() < deadline, "gateway not ready");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use sse_testkit::{Gateway, Redis, SECRET};
 
 fn tool(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_sse-loadtest"))
@@ -66,57 +21,25 @@ fn tool(args: &[&str]) -> String {
     text
 }
 
-fn start_redis(port: u16) -> Killed {
-    Killed(
-        Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server"),
-    )
-}
-
-/// A replica: its client port, admin port and process.
-fn start_gateway(redis_url: &str) -> (u16, u16, Killed) {
-    let (client, admin) = (free_port(), free_port());
-    let child = Killed(
-        Command::new(gateway_binary())
-            .env("SSE_GATEWAY_JWT_SECRET", SECRET)
-            .env("SSE_GATEWAY_REDIS_URL", redis_url)
-            .env("SSE_GATEWAY_LISTEN", format!("127.0.0.1:{client}"))
-            .env("SSE_GATEWAY_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the sse-gateway binary beside the tool"),
-    );
-    wait_http(admin, "/readyz");
-    (client, admin, child)
+/// A ready replica on `redis`.
+async fn start_gateway(redis: &Redis) -> Gateway {
+    let gateway = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);
+    gateway.wait_ready(true, Duration::from_secs(20)).await;
+    gateway
 }
 
 fn json(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-#[test]
-fn every_scenario_runs_and_adds_up() {
-    let redis_port = free_port();
-    let _redis = start_redis(redis_port);
-    let redis_url = format!("redis://127.0.0.1:{redis_port}");
-    std::thread::sleep(Duration::from_millis(300));
-    let (client, admin, gateway) = start_gateway(&redis_url);
-    let pid = gateway.0.id().to_string();
-    let target = format!("127.0.0.1:{client}");
-    let admins = format!("127.0.0.1:{admin}");
+#[tokio::test]
+async fn every_scenario_runs_and_adds_up() {
+    let redis = Redis::start();
+    let redis_url = redis.url();
+    let gateway = start_gateway(&redis).await;
+    let pid = gateway.pid().to_string();
+    let target = gateway.client.to_string();
+    let admins = gateway.admin.to_string();
     let dir = std::env::temp_dir().join(format!("sse-loadtest-smoke-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = |name: &str| dir.join(name).to_string_lossy().to_string();
@@ -302,15 +225,13 @@ fn every_scenario_runs_and_adds_up() {
 
 /// The storm kills a replica mid-run: its clients come back through the other one, resume, and
 /// the audit still finds every event once and in order.
-#[test]
-fn the_storm_kills_a_replica_and_every_client_catches_up() {
-    let redis_port = free_port();
-    let _redis = start_redis(redis_port);
-    let redis_url = format!("redis://127.0.0.1:{redis_port}");
-    std::thread::sleep(Duration::from_millis(300));
-    let (a, _, _keep) = start_gateway(&redis_url);
-    let (b, _, victim) = start_gateway(&redis_url);
-    let targets = format!("127.0.0.1:{a},127.0.0.1:{b}");
+#[tokio::test]
+async fn the_storm_kills_a_replica_and_every_client_catches_up() {
+    let redis = Redis::start();
+    let redis_url = redis.url();
+    let _keep = start_gateway(&redis).await;
+    let victim = start_gateway(&redis).await;
+    let targets = format!("{},{}", _keep.client, victim.client);
     let out = tool(&[
         "storm",
         "--targets",
@@ -326,7 +247,7 @@ fn the_storm_kills_a_replica_and_every_client_catches_up() {
         "--kill-after-secs",
         "2",
         "--kill-pid",
-        &victim.0.id().to_string(),
+        &victim.pid().to_string(),
     ]);
     assert!(
         out.contains("audit: 20 clients, 20 complete; in order 2000, repeated 0, silently lost 0"),

@@ -6,7 +6,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::free_port;
+use crate::fixtures::free_port;
 
 /// Polls `ok` every 50 ms until it holds; fails the test with `what` after `within`.
 fn wait_for(within: Duration, what: &str, mut ok: impl FnMut() -> bool) {
@@ -295,7 +295,14 @@ impl Cluster {
 
     /// `SPUBLISH` on the shard that owns the channel; how many subscribers got it.
     pub fn spublish(&self, channel: &str, payload: &str) -> i64 {
-        let port = self.owner(sse_gateway::testing::redis::slot(channel.as_bytes()));
+        let slot = self
+            .nodes
+            .iter()
+            .find(|n| n.child.is_some())
+            .and_then(|n| n.cmd(&["CLUSTER", "KEYSLOT", channel]))
+            .and_then(|s| s.parse().ok())
+            .expect("a live node tells the channel's slot");
+        let port = self.owner(slot);
         let node = self.nodes.iter().find(|n| n.port == port).expect("owner");
         node.cmd(&["SPUBLISH", channel, payload])
             .and_then(|s| s.parse().ok())
