@@ -62,6 +62,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::backends::broker::{memory::MemoryBroker, redis::RedisBroker, Broker, BrokerSettings};
 use crate::backends::history::redis::{Library, RedisHistory};
@@ -209,15 +210,17 @@ pub async fn run(
     // The client port stops accepting once the drain has asked every stream to leave; the
     // admin port (probes, metrics) serves until the end.
     let stop_client = CancellationToken::new();
-    let connections = tokio_util::task::TaskTracker::new();
-    tokio::spawn(server::serve_client(
+    let connections = TaskTracker::new();
+    // The accept loops; `run` returns only after both (and every connection) have ended.
+    let servers = TaskTracker::new();
+    servers.spawn(server::serve_client(
         client,
         state.clone(),
         tls,
         stop_client.clone(),
         connections.clone(),
     ));
-    tokio::spawn(server::serve_admin(
+    servers.spawn(server::serve_admin(
         admin,
         state.clone(),
         exporter,
@@ -229,5 +232,7 @@ pub async fn run(
     shutdown::drain(&state, &connections, &stop_client).await;
     state.limiter.flush().await;
     stop.cancel();
+    servers.close();
+    servers.wait().await;
     Ok(())
 }

@@ -167,29 +167,23 @@ async fn a_public_key_pins_rs256() {
     assert_error(&r, 401, "unauthorized");
 
     // The token helper signs with the matching private key and the gateway accepts it.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
-        .env("SSE_GATEWAY_JWT_PUBLIC_KEY_FILE", &public)
-        .args([
-            "token",
-            "--sub",
-            "bob",
-            "--channel",
-            "orders",
-            "--ttl",
-            "10m",
-        ])
-        .args([
-            "--private-key-file",
-            &format!("{dir}/tests/fixtures/rsa_private.pem"),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let minted = stdout_of(
+        std::process::Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
+            .env("SSE_GATEWAY_JWT_PUBLIC_KEY_FILE", &public)
+            .args([
+                "token",
+                "--sub",
+                "bob",
+                "--channel",
+                "orders",
+                "--ttl",
+                "10m",
+            ])
+            .args([
+                "--private-key-file",
+                &format!("{dir}/tests/fixtures/rsa_private.pem"),
+            ]),
     );
-    let minted = String::from_utf8(out.stdout).unwrap();
     assert!(
         SseClient::open(gw.client, "/events?channel=orders", Some(minted.trim()))
             .await

@@ -4,27 +4,13 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use support::browser::{chromium, page_server};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const STREAMS: usize = 8;
-
-fn chromium() -> String {
-    for c in ["chromium", "chromium-browser", "google-chrome"] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {c}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            return c.to_string();
-        }
-    }
-    panic!("no Chromium found: install it (scripts/test.sh installs Debian's chromium)");
-}
 
 fn page(gateway: u16, token: &str, publisher: &str) -> String {
     format!(
@@ -52,39 +38,6 @@ for (let i = 0; i < N; i++) {{
 }}
 </script></body></html>"#
     )
-}
-
-/// Serves the page on `/`, and records `/result?…` reports.
-async fn page_server(html: String, reports: Arc<Mutex<Vec<String>>>) -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            let html = html.clone();
-            let reports = reports.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let n = s.read(&mut buf).await.unwrap_or(0);
-                let req = String::from_utf8_lossy(&buf[..n]).to_string();
-                let path = req.split_whitespace().nth(1).unwrap_or("/").to_string();
-                let body = if let Some(q) = path.strip_prefix("/result?") {
-                    reports.lock().unwrap().push(q.to_string());
-                    String::new()
-                } else {
-                    html
-                };
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = s.write_all(resp.as_bytes()).await;
-            });
-        }
-    });
-    port
 }
 
 #[tokio::test]
@@ -115,22 +68,9 @@ async fn a_browser_holds_more_than_six_streams_to_one_origin() {
     let port = page_server(html, reports.clone()).await;
 
     let profile = dir.join("profile");
-    let mut browser = Command::new(chromium())
-        .args([
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--ignore-certificate-errors",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            &format!("--user-data-dir={}", profile.display()),
-            &format!("http://127.0.0.1:{port}/"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let mut browser = chromium(&profile)
+        .arg("--ignore-certificate-errors")
+        .arg(format!("http://127.0.0.1:{port}/"))
         .spawn()
         .expect("start Chromium");
 

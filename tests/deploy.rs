@@ -8,6 +8,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::process::Command;
 use std::time::Duration;
 
+use support::browser::{chromium, page_server};
 use support::*;
 
 const T: Duration = Duration::from_secs(10);
@@ -166,37 +167,6 @@ async fn an_event_reaches_clients_on_different_replicas_through_nginx() {
     );
 }
 
-/// Records the demo page's `report=` pings.
-async fn report_server(reports: std::sync::Arc<std::sync::Mutex<Vec<String>>>) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            let reports = reports.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16384];
-                let n = s.read(&mut buf).await.unwrap_or(0);
-                let req = String::from_utf8_lossy(&buf[..n]).to_string();
-                if let Some(q) = req
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|p| p.split_once('?'))
-                {
-                    reports.lock().unwrap().push(q.1.to_string());
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 204 No Content\r\nAccess-Control-Allow-Origin: *\r\nConnection: close\r\n\r\n")
-                    .await;
-            });
-        }
-    });
-    port
-}
-
 fn fcall(redis_port: u16, payload: &str) {
     let mut conn = redis::Client::open(format!("redis://127.0.0.1:{redis_port}"))
         .unwrap()
@@ -227,25 +197,12 @@ async fn a_browser_through_nginx_resumes_by_itself_when_its_replica_dies() {
         secret.trim(),
     );
     let reports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let report_port = report_server(reports.clone()).await;
+    let report_port = page_server(String::new(), reports.clone()).await;
     let url = format!(
         "http://127.0.0.1:{base}/demo/#channel=web&token={token}&report=http://127.0.0.1:{report_port}/r"
     );
-    let mut browser = Command::new("chromium")
-        .args([
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            &format!("--user-data-dir={}", dir.join("chromium").display()),
-            &url,
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+    let mut browser = chromium(&dir.join("chromium"))
+        .arg(&url)
         .spawn()
         .expect("Chromium (scripts/test.sh installs it)");
     // The page's fullest state: reports may arrive out of order, the longest is the newest.
@@ -331,24 +288,13 @@ async fn a_browser_through_nginx_resumes_by_itself_when_its_replica_dies() {
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-resume.png");
     let _ = std::fs::remove_file(&shot);
     let from = form_urlencoded::byte_serialize(first.as_bytes()).collect::<String>();
-    let status = Command::new("chromium")
+    let status = chromium(&dir.join("chromium-shot"))
         .args([
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            &format!("--user-data-dir={}", dir.join("chromium-shot").display()),
             "--window-size=900,600",
             "--timeout=2000",
             &format!("--screenshot={}", shot.display()),
             &format!("http://127.0.0.1:{base}/demo/#channel=web&token={token}&from={from}"),
         ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
         .status()
         .unwrap();
     assert!(status.success());

@@ -16,18 +16,12 @@ async fn get_json(addr: std::net::SocketAddr, path: &str) -> serde_json::Value {
 }
 
 fn inspect(redis: &Redis, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
-        .env_remove("SSE_GATEWAY_JWT_SECRET")
-        .args(["--redis-url", &redis.url(), "inspect"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    stdout_of(
+        Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
+            .env_remove("SSE_GATEWAY_JWT_SECRET")
+            .args(["--redis-url", &redis.url(), "inspect"])
+            .args(args),
+    )
 }
 
 #[tokio::test]

@@ -55,7 +55,7 @@ async fn one_publish_reaches_every_replica_once_in_order() {
             let ev = c.next_event(T).await.expect("event");
             assert_eq!(ev.data, format!("e{i}"));
         }
-        assert_eq!(c.next_event(T).await.unwrap().data, "via-http");
+        c.expect_data("via-http").await;
         // Exactly once: nothing else is pending.
         assert!(c.next_event(Duration::from_millis(200)).await.is_none());
     }

@@ -24,7 +24,7 @@ async fn streams_survive_a_redis_restart() {
         .await
         .unwrap();
     redis.publish("sse:live", b"before");
-    assert_eq!(c.next_event(T).await.unwrap().data, "before");
+    c.expect_data("before").await;
 
     redis.kill();
     gw.wait_ready(false, T).await;
@@ -85,16 +85,7 @@ async fn a_dropped_pubsub_connection_is_resubscribed() {
         .await
         .unwrap();
     // What a proxy restart or a failover looks like to the replica: Redis drops pub/sub clients.
-    let mut conn = redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let _: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query(&mut conn)
-        .unwrap();
+    redis.kill_pubsub_clients();
     redis.wait_numsub("sse:dropped", 1, T);
     gw.wait_ready(true, T).await;
     assert_eq!(redis.publish("sse:dropped", b"again"), 1);

@@ -57,11 +57,9 @@ async fn resume_contract(a: &Gateway, b: &Gateway) {
         assert_eq!(ev.data, format!("e{i}"));
     }
     publish(a, "orders", "live").await;
-    assert_eq!(c.next_event(T).await.unwrap().data, "live");
-    assert!(
-        c.next_event(Duration::from_millis(300)).await.is_none(),
-        "a duplicate arrived"
-    );
+    c.expect_data("live").await;
+    c.expect_nothing(Duration::from_millis(300), "a duplicate arrived")
+        .await;
 }
 
 #[tokio::test]
@@ -90,7 +88,7 @@ async fn a_three_channel_stream_resumes_every_channel() {
     let chans = ["x", "y", "z"];
     let mut c = open(&a, &chans, None).await;
     publish(&a, "y", "y-before").await;
-    assert_eq!(c.next_event(T).await.unwrap().data, "y-before");
+    c.expect_data("y-before").await;
     let last = c.last_id.clone().unwrap();
     drop(c);
     for i in 0..99 {
@@ -114,7 +112,7 @@ async fn a_three_channel_stream_resumes_every_channel() {
     }
     for ch in chans {
         publish(&a, ch, &format!("{ch}-live")).await;
-        assert_eq!(c.next_event(T).await.unwrap().data, format!("{ch}-live"));
+        c.expect_data(&format!("{ch}-live")).await;
     }
     // The id of the last event resumes all three channels: nothing more to replay.
     let last = c.last_id.clone().unwrap();
@@ -199,7 +197,7 @@ async fn single_replica_mode_reports_trimmed_history_the_same_way() {
 async fn trimmed_contract(gw: &Gateway) {
     let mut c = open(gw, &["t"], None).await;
     publish(gw, "t", "first").await;
-    assert_eq!(c.next_event(T).await.unwrap().data, "first");
+    c.expect_data("first").await;
     let last = c.last_id.clone().unwrap();
     drop(c);
     for i in 0..50 {
@@ -209,14 +207,12 @@ async fn trimmed_contract(gw: &Gateway) {
     let gap = c.next_event(T).await.unwrap();
     assert_eq!(gap.event.as_deref(), Some("gateway.gap"));
     for i in 40..50 {
-        assert_eq!(c.next_event(T).await.unwrap().data, format!("e{i}"));
+        c.expect_data(&format!("e{i}")).await;
     }
     publish(gw, "t", "live").await;
-    assert_eq!(c.next_event(T).await.unwrap().data, "live");
-    assert!(
-        c.next_event(Duration::from_millis(200)).await.is_none(),
-        "only one gap"
-    );
+    c.expect_data("live").await;
+    c.expect_nothing(Duration::from_millis(200), "only one gap")
+        .await;
 }
 
 #[tokio::test]
@@ -226,7 +222,7 @@ async fn redis_restarted_empty_is_a_gap() {
     gw.wait_ready(true, T).await;
     let mut c = open(&gw, &["r"], None).await;
     publish(&gw, "r", "first").await;
-    assert_eq!(c.next_event(T).await.unwrap().data, "first");
+    c.expect_data("first").await;
     let last = c.last_id.clone().unwrap();
     drop(c);
     redis.restart();
@@ -237,7 +233,7 @@ async fn redis_restarted_empty_is_a_gap() {
         c.next_event(T).await.unwrap().event.as_deref(),
         Some("gateway.gap")
     );
-    assert_eq!(c.next_event(T).await.unwrap().data, "after");
+    c.expect_data("after").await;
 }
 
 #[tokio::test]
@@ -247,7 +243,7 @@ async fn an_open_stream_gets_one_gap_when_redis_returns_without_its_data() {
     gw.wait_ready(true, T).await;
     let mut c = open(&gw, &["once"], None).await;
     publish(&gw, "once", "first").await;
-    assert_eq!(c.next_event(T).await.unwrap().data, "first");
+    c.expect_data("first").await;
     redis.restart();
     gw.wait_ready(true, T).await;
     redis.wait_numsub("sse:once", 1, T);
@@ -272,7 +268,7 @@ async fn redis_restarted_with_its_data_loses_nothing() {
     gw.wait_ready(true, T).await;
     let mut c = open(&gw, &["p"], None).await;
     publish(&gw, "p", "first").await;
-    assert_eq!(c.next_event(T).await.unwrap().data, "first");
+    c.expect_data("first").await;
     let last = c.last_id.clone().unwrap();
     drop(c);
     for i in 0..20 {
@@ -356,15 +352,7 @@ async fn the_readme_redis_cli_example_publishes_durably() {
     let mut c = open(&gw, &["orders"], None).await;
     c.wait_id(T).await;
     let command = line.replacen("redis-cli", &format!("redis-cli -p {}", redis.port), 1);
-    let out = std::process::Command::new("sh")
-        .args(["-c", &command])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stdout_of(std::process::Command::new("sh").args(["-c", &command]));
     let ev = c.next_event(T).await.unwrap();
     assert_eq!(ev.event.as_deref(), Some("created"));
     assert_eq!(ev.data, r#"{"id":42}"#);
@@ -383,16 +371,7 @@ async fn durable_events_published_during_a_pubsub_drop_are_filled_from_history()
     gw.wait_ready(true, T).await;
     let mut c = open(&gw, &["fill"], None).await;
     c.wait_id(T).await;
-    let mut conn = redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let _: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query(&mut conn)
-        .unwrap();
+    redis.kill_pubsub_clients();
     for i in 0..20 {
         fcall(&redis, "fill", &i.to_string()).unwrap();
     }
@@ -400,10 +379,8 @@ async fn durable_events_published_during_a_pubsub_drop_are_filled_from_history()
         let ev = c.next_event(T).await.expect("filled event");
         assert_eq!(ev.data, i.to_string());
     }
-    assert!(
-        c.next_event(Duration::from_millis(300)).await.is_none(),
-        "a duplicate arrived"
-    );
+    c.expect_nothing(Duration::from_millis(300), "a duplicate arrived")
+        .await;
     // Raw publishes stay fire-and-forget and do not move the cursor.
     let before = c.last_id.clone();
     redis.publish("sse:fill", b"raw");

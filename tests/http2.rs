@@ -8,10 +8,22 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
 
 const T: Duration = Duration::from_secs(5);
+
+/// An HTTP/2 connection with prior knowledge to the replica's client port.
+async fn h2(gw: &Gateway) -> SendRequest<Empty<Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(gw.client).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake with prior knowledge");
+    tokio::spawn(conn);
+    sender
+}
 
 async fn read_until(body: &mut Incoming, buf: &mut Vec<u8>, needle: &[u8]) -> bool {
     let deadline = tokio::time::Instant::now() + T;
@@ -31,12 +43,7 @@ async fn read_until(body: &mut Incoming, buf: &mut Vec<u8>, needle: &[u8]) -> bo
 #[tokio::test]
 async fn many_streams_share_one_http2_connection() {
     let gw = Gateway::start(&[("SSE_GATEWAY_MAX_CONNECTIONS_PER_USER", "64")]);
-    let tcp = tokio::net::TcpStream::connect(gw.client).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .expect("h2 handshake with prior knowledge");
-    tokio::spawn(conn);
+    let mut sender = h2(&gw).await;
     let tok = client_token("alice", &["h2"]);
     let mut bodies = Vec::new();
     for _ in 0..50 {
@@ -82,12 +89,7 @@ async fn many_streams_share_one_http2_connection() {
 #[tokio::test]
 async fn a_draining_replica_sends_goaway_so_http2_clients_open_new_streams_elsewhere() {
     let gw = Gateway::start(&[("SSE_GATEWAY_DRAIN_SECS", "4")]);
-    let tcp = tokio::net::TcpStream::connect(gw.client).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .expect("h2 handshake with prior knowledge");
-    tokio::spawn(conn);
+    let mut sender = h2(&gw).await;
     let tok = client_token("alice", &["goaway"]);
     let open = || {
         hyper::Request::get(format!("http://{}/events?channel=goaway", gw.client))

@@ -48,7 +48,7 @@ async fn an_expiring_token_is_warned_cut_and_resumed_without_loss() {
     .await
     .unwrap();
     for i in 0..5 {
-        assert_eq!(c.next_event(T).await.unwrap().data, format!("m{i}"));
+        c.expect_data(&format!("m{i}")).await;
     }
 }
 
@@ -202,7 +202,7 @@ async fn hostile_input_is_answered_cleanly_and_harms_nothing() {
     // The process is alive, the old stream still works, and memory stayed small.
     gw.wait_ready(true, T).await;
     redis.publish("sse:h", b"still here");
-    assert_eq!(good.next_event(T).await.unwrap().data, "still here");
+    good.expect_data("still here").await;
     let rss = gw.metric("process_resident_memory_bytes").await;
     assert!(rss < 100.0 * 1024.0 * 1024.0, "RSS {rss}");
 }

@@ -93,6 +93,33 @@ fn replica(host: &netlab::Host, redis_url: &str, extra: &[(&str, &str)]) -> Gate
     Gateway::start_in(&host.ns, &env)
 }
 
+/// Redis on a host of its own and a ready replica on each of two more.
+struct Split {
+    r: netlab::Host,
+    a: netlab::Host,
+    b: netlab::Host,
+    redis: Redis,
+    gw_a: Gateway,
+    gw_b: Gateway,
+}
+
+async fn split(lab: &netlab::Lab, extra: &[(&str, &str)]) -> Split {
+    let (r, a, b) = (lab.host(), lab.host(), lab.host());
+    let redis = Redis::start_in(&r.ns, &r.addr.to_string());
+    let gw_a = replica(&a, &redis.url(), extra);
+    let gw_b = replica(&b, &redis.url(), extra);
+    gw_a.wait_ready(true, T).await;
+    gw_b.wait_ready(true, T).await;
+    Split {
+        r,
+        a,
+        b,
+        redis,
+        gw_a,
+        gw_b,
+    }
+}
+
 /// Every event of `c` until `last` arrives (or nothing more comes for 10 s): (event, data).
 async fn events_until(c: &mut SseClient, last: &str) -> Vec<(String, String)> {
     let mut seen = Vec::new();
@@ -109,21 +136,17 @@ async fn events_until(c: &mut SseClient, last: &str) -> Vec<(String, String)> {
 #[tokio::test]
 async fn a_replica_cut_off_from_redis_turns_unready_and_catches_up_on_durable_events() {
     let Some(lab) = lab_or_skip() else { return };
-    let r = lab.host();
-    let a = lab.host();
-    let b = lab.host();
-    let redis = Redis::start_in(&r.ns, &r.addr.to_string());
-    let gw_a = replica(&a, &redis.url(), &[]);
-    let gw_b = replica(&b, &redis.url(), &[]);
-    gw_a.wait_ready(true, T).await;
-    gw_b.wait_ready(true, T).await;
-    let tok = client_token("jo", &["split"]);
-    let mut c = SseClient::open(gw_a.client, "/events?channel=split", Some(&tok))
-        .await
-        .unwrap();
-    c.wait_id(T).await;
+    let Split {
+        r,
+        a,
+        b: _b,
+        redis,
+        gw_a,
+        gw_b,
+    } = split(&lab, &[]).await;
+    let mut c = gw_a.subscribe("jo", "split").await;
     gw_b.publish_data("split", "d0").await;
-    assert_eq!(c.next_event(T).await.unwrap().data, "d0");
+    c.expect_data("d0").await;
 
     netlab::partition(&a, &r);
     let noticed = gw_a.wait_ready(false, Duration::from_secs(10)).await;
@@ -152,23 +175,16 @@ async fn a_replica_cut_off_from_redis_turns_unready_and_catches_up_on_durable_ev
 #[tokio::test]
 async fn redis_cut_off_from_every_replica_for_ten_seconds_loses_nothing_durable() {
     let Some(lab) = lab_or_skip() else { return };
-    let r = lab.host();
-    let a = lab.host();
-    let b = lab.host();
-    let redis = Redis::start_in(&r.ns, &r.addr.to_string());
-    let gw_a = replica(&a, &redis.url(), &[]);
-    let gw_b = replica(&b, &redis.url(), &[]);
-    gw_a.wait_ready(true, T).await;
-    gw_b.wait_ready(true, T).await;
-    let tok = client_token("kay", &["dark"]);
-    let mut on_a = SseClient::open(gw_a.client, "/events?channel=dark", Some(&tok))
-        .await
-        .unwrap();
-    let mut on_b = SseClient::open(gw_b.client, "/events?channel=dark", Some(&tok))
-        .await
-        .unwrap();
-    on_a.wait_id(T).await;
-    on_b.wait_id(T).await;
+    let Split {
+        r,
+        a,
+        b,
+        redis,
+        gw_a,
+        gw_b,
+    } = split(&lab, &[]).await;
+    let mut on_a = gw_a.subscribe("kay", "dark").await;
+    let mut on_b = gw_b.subscribe("kay", "dark").await;
     gw_a.publish_data("dark", "before").await;
 
     netlab::partition(&r, &a);
@@ -220,18 +236,18 @@ async fn ended(c: &mut SseClient) -> bool {
 #[tokio::test]
 async fn a_replica_cut_off_from_redis_past_its_lease_never_lets_a_user_exceed_the_limit() {
     let Some(lab) = lab_or_skip() else { return };
-    let r = lab.host();
-    let a = lab.host();
-    let b = lab.host();
-    let redis = Redis::start_in(&r.ns, &r.addr.to_string());
     let settings = [
         ("SSE_GATEWAY_CONNECTION_LEASE_SECS", "4"),
         ("SSE_GATEWAY_MAX_CONNECTIONS_PER_USER", "1"),
     ];
-    let gw_a = replica(&a, &redis.url(), &settings);
-    let gw_b = replica(&b, &redis.url(), &settings);
-    gw_a.wait_ready(true, T).await;
-    gw_b.wait_ready(true, T).await;
+    let Split {
+        r,
+        a,
+        b: _b,
+        redis: _redis,
+        gw_a,
+        gw_b,
+    } = split(&lab, &settings).await;
     let tok = client_token("lee", &["fence"]);
     let mut on_a = vec![
         SseClient::open(gw_a.client, "/events?channel=fence", Some(&tok))
@@ -297,30 +313,23 @@ fn inspect_user(redis: &Redis, user: &str) -> String {
 #[tokio::test]
 async fn inspect_across_hosts_names_the_replica_of_every_stream_and_a_paused_one_as_gone() {
     let Some(lab) = lab_or_skip() else { return };
-    let r = lab.host();
-    let a = lab.host();
-    let b = lab.host();
-    let redis = Redis::start_in(&r.ns, &r.addr.to_string());
     // Admin ports bound to every address, as in a pod: each replica must advertise its own.
     let settings = [
         ("SSE_GATEWAY_ADMIN_LISTEN", "0.0.0.0:0"),
         ("SSE_GATEWAY_CONNECTION_LEASE_SECS", "3"),
     ];
-    let gw_a = replica(&a, &redis.url(), &settings);
-    let gw_b = replica(&b, &redis.url(), &settings);
+    let Split {
+        r: _r,
+        a,
+        b,
+        redis,
+        gw_a,
+        gw_b,
+    } = split(&lab, &settings).await;
     assert_eq!(gw_a.admin.ip(), std::net::IpAddr::V4(a.addr));
     assert_eq!(gw_b.admin.ip(), std::net::IpAddr::V4(b.addr));
-    gw_a.wait_ready(true, T).await;
-    gw_b.wait_ready(true, T).await;
-    let tok = client_token("max", &["where"]);
-    let mut on_a = SseClient::open(gw_a.client, "/events?channel=where", Some(&tok))
-        .await
-        .unwrap();
-    let mut on_b = SseClient::open(gw_b.client, "/events?channel=where", Some(&tok))
-        .await
-        .unwrap();
-    on_a.wait_id(T).await;
-    on_b.wait_id(T).await;
+    let _on_a = gw_a.subscribe("max", "where").await;
+    let _on_b = gw_b.subscribe("max", "where").await;
     let report = inspect_user(&redis, "max");
     for gw in [&gw_a, &gw_b] {
         let line = report

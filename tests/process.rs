@@ -130,7 +130,7 @@ async fn the_token_helper_mints_tokens_the_gateway_accepts() {
         )
         .await;
     assert_eq!(r.status, 202, "{}", r.text());
-    assert_eq!(c.next_event(T).await.unwrap().data, "minted");
+    c.expect_data("minted").await;
 
     // Without a key there is nothing to sign with: a clear refusal.
     let out = Command::new(env!("CARGO_BIN_EXE_sse-gateway"))

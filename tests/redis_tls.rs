@@ -6,7 +6,6 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use support::*;
 
 const T: Duration = Duration::from_secs(10);
@@ -92,25 +91,10 @@ impl TlsRedis {
 async fn the_gateway_runs_on_a_tls_only_redis() {
     let redis = TlsRedis::start();
     let url = format!("rediss://localhost:{}", redis.port);
-    let ca = redis.dir.join("cert.pem").display().to_string();
-    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &url), ("SSL_CERT_FILE", &ca)]);
-    gw.wait_ready(true, T).await;
-    let tok = client_token("alice", &["secure"]);
-    let mut c = SseClient::open(gw.client, "/events?channel=secure", Some(&tok))
-        .await
-        .unwrap();
-    c.wait_id(T).await;
-    // Durable publish (a Redis Function call over TLS) and a raw PUBLISH from redis-cli.
-    let r = gw
-        .publish(
-            &publisher_token(),
-            &json!({"channel": "secure", "data": "durable"}),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.text());
-    assert_eq!(c.next_event(T).await.unwrap().data, "durable");
+    let (_gw, mut c) = durable_events_flow(&redis, &url, "secure").await;
+    // And a raw PUBLISH from redis-cli.
     assert_eq!(redis.cli(&["PUBLISH", "sse:secure", "raw"]).trim(), "1");
-    assert_eq!(c.next_event(T).await.unwrap().data, "raw");
+    c.expect_data("raw").await;
 }
 
 #[tokio::test]
@@ -124,6 +108,18 @@ async fn an_untrusted_redis_certificate_is_refused() {
     assert_eq!(gw.readyz().await, 503);
     let logs = gw.logs.lock().unwrap().clone();
     assert!(logs.contains("Redis pub/sub unavailable"), "{logs}");
+}
+
+/// A replica on `url` trusting the test CA: an event published through it (a Redis Function
+/// call over TLS) reaches a stream on it.
+async fn durable_events_flow(redis: &TlsRedis, url: &str, channel: &str) -> (Gateway, SseClient) {
+    let ca = redis.dir.join("cert.pem").display().to_string();
+    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", url), ("SSL_CERT_FILE", &ca)]);
+    gw.wait_ready(true, T).await;
+    let mut c = gw.subscribe("alice", channel).await;
+    gw.publish_data(channel, "durable").await;
+    c.expect_data("durable").await;
+    (gw, c)
 }
 
 /// A Sentinel that only speaks TLS, watching `master` (over TLS too) as `mymaster`.
@@ -188,20 +184,5 @@ async fn sentinels_are_spoken_to_over_tls_with_rediss_sentinel() {
     let redis = TlsRedis::start();
     let sentinel = TlsSentinel::start(&redis);
     let url = format!("rediss+sentinel://127.0.0.1:{}/mymaster", sentinel.port);
-    let ca = redis.dir.join("cert.pem").display().to_string();
-    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &url), ("SSL_CERT_FILE", &ca)]);
-    gw.wait_ready(true, T).await;
-    let tok = client_token("alice", &["sentinel-tls"]);
-    let mut c = SseClient::open(gw.client, "/events?channel=sentinel-tls", Some(&tok))
-        .await
-        .unwrap();
-    c.wait_id(T).await;
-    let r = gw
-        .publish(
-            &publisher_token(),
-            &json!({"channel": "sentinel-tls", "data": "through-tls-sentinel"}),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.text());
-    assert_eq!(c.next_event(T).await.unwrap().data, "through-tls-sentinel");
+    durable_events_flow(&redis, &url, "sentinel-tls").await;
 }

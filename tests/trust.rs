@@ -18,18 +18,18 @@ fn conn(redis: &Redis) -> redis::Connection {
 }
 
 /// The history library as a replica of `version` holding `key_hex` would load it.
-fn library(version: &str, key_hex: &str) -> String {
-    include_str!("../src/backends/history/library.lua")
-        .replace("__LIBRARY__", "sse_gateway_sse_publish")
-        .replace("__FUNCTION__", "sse_publish")
-        .replace("__INFO__", "sse_publish_info")
-        .replace("__VERSION__", version)
-        .replace("__KEY_HEX__", key_hex)
-        .replace("__PREFIX__", "sse:")
-        .replace("__MAXLEN__", "1000")
-        .replace("__TTL_MS__", "600000")
-        .replace("__MAX_BYTES__", "65536")
-        .replace("__PUBLISH__", "PUBLISH")
+fn library(redis: &Redis, version: i64, key_hex: &str) -> String {
+    use sse_gateway::testing::history::{redis::Library, HistorySettings};
+    use sse_gateway::testing::position::DurableKey;
+    use sse_gateway::testing::redis::{Commands, Topology};
+    let pool = Commands::new(Topology::parse(&redis.url()).unwrap());
+    let settings = HistorySettings {
+        prefix: "sse:".into(),
+        size: 1000,
+        ttl: Duration::from_secs(600),
+        max_event_bytes: 65536,
+    };
+    Library::new(pool, &settings).source_as(version, &DurableKey::from_hex(key_hex).unwrap())
 }
 
 #[tokio::test]
@@ -78,7 +78,7 @@ async fn a_raw_publish_of_the_durable_marker_cannot_suppress_durable_events() {
     )
     .await
     .unwrap();
-    assert_eq!(again.next_event(T).await.unwrap().data, "real");
+    again.expect_data("real").await;
     assert!(!again.text().contains("forged"));
 }
 
@@ -150,7 +150,7 @@ async fn a_newer_library_is_never_replaced_by_an_older_replica() {
     let redis = Redis::start();
     let url = redis.url();
     // A library from a later version (same calling convention, higher version number).
-    let newer = library("99", &"ab".repeat(32));
+    let newer = library(&redis, 99, &"ab".repeat(32));
     let _: String = redis::cmd("FUNCTION")
         .arg("LOAD")
         .arg(&newer)
@@ -172,7 +172,7 @@ async fn a_newer_library_is_never_replaced_by_an_older_replica() {
         .unwrap();
     c.wait_id(T).await;
     gw.publish_data("newer", "works").await;
-    assert_eq!(c.next_event(T).await.unwrap().data, "works");
+    c.expect_data("works").await;
 }
 
 #[tokio::test]
@@ -187,10 +187,10 @@ async fn a_library_replaced_under_a_running_replica_is_resynchronised_without_lo
         .unwrap();
     c.wait_id(T).await;
     gw.publish_data("swap", "before").await;
-    assert_eq!(c.next_event(T).await.unwrap().data, "before");
+    c.expect_data("before").await;
     // Someone loads the library again with another key (as after a FUNCTION FLUSH and a new
     // replica): events published now are signed with a key this replica does not hold yet.
-    let other = library("2", &"cd".repeat(32));
+    let other = library(&redis, 2, &"cd".repeat(32));
     let _: String = redis::cmd("FUNCTION")
         .arg("LOAD")
         .arg("REPLACE")

@@ -126,7 +126,7 @@ async fn publish_over_http_checks_its_input() {
         .publish(&p, &json!({"channels": ["news"], "data": "x\r\ny"}))
         .await;
     assert_eq!(ok.status, 202);
-    assert_eq!(c.next_event(T).await.unwrap().data, "x\ny");
+    c.expect_data("x\ny").await;
 
     let cases = [
         (json!({"channel": "sports", "data": "x"}), 403),
@@ -176,7 +176,7 @@ async fn publish_over_http_checks_its_input() {
         .publish(&p, &json!({"channel": "news", "data": "end"}))
         .await;
     assert_eq!(ok.status, 202);
-    assert_eq!(c.next_event(T).await.unwrap().data, "end");
+    c.expect_data("end").await;
     assert_eq!(
         gw.metric("sse_gateway_publish_total{result=\"accepted\"}")
             .await,

@@ -84,7 +84,9 @@ impl Mark {
     }
 }
 
-const MARKER: &[u8] = b"\0D2\0";
+/// What starts every durable event on pub/sub (the history library writes it too: the Lua
+/// constant is generated from this one).
+pub const DURABLE_MARKER: &[u8] = b"\0D2\0";
 
 /// The key that signs durable events on pub/sub (SPEC §6.6): only the history function (which
 /// embeds it) can make a message that moves a stream's position; a raw `PUBLISH`, which cannot
@@ -169,8 +171,8 @@ pub fn encode_durable(
         .mac_of(channel, epoch.as_bytes(), id.as_bytes(), payload)
         .finalize()
         .into_bytes();
-    let mut out = Vec::with_capacity(MARKER.len() + 41 + epoch.len() + 48 + payload.len());
-    out.extend_from_slice(MARKER);
+    let mut out = Vec::with_capacity(DURABLE_MARKER.len() + 41 + epoch.len() + 48 + payload.len());
+    out.extend_from_slice(DURABLE_MARKER);
     for b in tag {
         out.extend_from_slice(format!("{b:02x}").as_bytes());
     }
@@ -204,7 +206,7 @@ pub fn decode_durable<'a>(
         return Incoming::Plain(message);
     }
     let verified = (|| {
-        let rest = message.strip_prefix(MARKER)?;
+        let rest = message.strip_prefix(DURABLE_MARKER)?;
         let key = key?;
         let mut parts = rest.splitn(4, |&b| b == 0);
         let (tag, epoch, id, payload) =

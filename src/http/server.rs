@@ -244,7 +244,8 @@ where
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until `stop` is cancelled.
+/// Serves `/metrics`, `/healthz` and `/readyz` until `stop` is cancelled, then closes its
+/// connections gracefully (an answer in progress is finished) and returns once they are gone.
 pub async fn serve_admin(
     listener: TcpListener,
     state: Arc<AppState>,
@@ -256,18 +257,31 @@ pub async fn serve_admin(
         Duration::from_secs(30),
         state.config.header_timeout,
     );
+    let connections = TaskTracker::new();
     while let Some((stream, _)) = accept(&listener, &stop, "admin").await {
         let state = state.clone();
         let exporter = exporter.clone();
         let builder = builder.clone();
-        tokio::spawn(async move {
+        let stop = stop.clone();
+        connections.spawn(async move {
             let service = service_fn(move |req| {
                 let response = router::admin(&state, exporter.as_ref(), &req);
                 async move { Ok::<_, Infallible>(response) }
             });
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(ADMIN_CLOSE_GRACE, connection).await;
+                }
+            }
         });
     }
+    connections.close();
+    connections.wait().await;
 }
+
+/// How long an admin answer in progress may take to finish once the replica stops.
+const ADMIN_CLOSE_GRACE: Duration = Duration::from_secs(2);

@@ -9,8 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::http::{http, Reply};
-use crate::tokens::{publisher_token, SECRET};
+use crate::http::{http, Reply, SseClient};
+use crate::tokens::{client_token, publisher_token, SECRET};
 
 /// The `sse-gateway` binary: `SSE_GATEWAY_BIN` when set, else the one cargo built beside the
 /// running test or tool (`target/<profile>/sse-gateway`; test binaries sit one level deeper, in
@@ -25,6 +25,18 @@ pub fn gateway_binary() -> PathBuf {
         dir.pop();
     }
     dir.join("sse-gateway")
+}
+
+/// Runs `cmd` to the end; its standard output. Fails the test, with the command's standard
+/// error, if it does not succeed.
+pub fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("the command starts");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A port nobody listens on right now.
@@ -186,12 +198,24 @@ impl Redis {
         self.spawn();
     }
 
-    fn conn(&self) -> redis::Connection {
+    /// A plain connection, for commands a test sends itself.
+    pub fn conn(&self) -> redis::Connection {
         redis::Client::open(self.url())
             .and_then(|c| c.get_connection())
             .expect("redis connection")
     }
 
+    /// Drops every pub/sub client, as a proxy restart or a failover does to the replicas.
+    pub fn kill_pubsub_clients(&self) {
+        let _: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query(&mut self.conn())
+            .expect("CLIENT KILL TYPE pubsub");
+    }
+
+    /// `PUBLISH` from outside the gateway; how many subscribers Redis counted.
     pub fn publish(&self, channel: &str, payload: &[u8]) -> i64 {
         redis::cmd("PUBLISH")
             .arg(channel)
@@ -407,6 +431,18 @@ impl Gateway {
 
     pub async fn publish(&self, token: &str, body: &serde_json::Value) -> Reply {
         publish_to(self.client, token, body).await
+    }
+
+    /// Opens a stream for `sub` on `channel` (a token granting it) and waits until it is live
+    /// (its first `id:` arrived).
+    pub async fn subscribe(&self, sub: &str, channel: &str) -> SseClient {
+        let token = client_token(sub, &[channel]);
+        let path = format!("/events?channel={channel}");
+        let mut stream = SseClient::open(self.client, &path, Some(&token))
+            .await
+            .unwrap_or_else(|r| panic!("{path} refused: {} {}", r.status, r.text()));
+        stream.wait_id(Duration::from_secs(10)).await;
+        stream
     }
 
     /// Publishes `data` on `channel` with a publisher token (must be accepted); its id there.

@@ -355,6 +355,24 @@ impl SseClient {
         }
     }
 
+    /// Fails the test unless the next event (within 10 s) carries `data`.
+    pub async fn expect_data(&mut self, data: &str) {
+        match self.next_event(Duration::from_secs(10)).await {
+            Some(event) => assert_eq!(event.data, data, "{event:?}"),
+            None => panic!(
+                "no event with data {data:?} within 10 s; got {:?}",
+                self.text()
+            ),
+        }
+    }
+
+    /// Fails the test if an event arrives within `within` (`why` says what it would mean).
+    pub async fn expect_nothing(&mut self, within: Duration, why: &str) {
+        if let Some(event) = self.next_event(within).await {
+            panic!("{why}: {event:?}");
+        }
+    }
+
     /// Reads until an `id:` has been seen (the cursor a new stream starts with).
     pub async fn wait_id(&mut self, within: Duration) -> String {
         let deadline = tokio::time::Instant::now() + within;

@@ -6,10 +6,12 @@
 //!   a browser or `curl -N` sees, which a high-level client would hide), and [`http::SseClient`];
 //! - [`tokens`]: HS256 minting; [`metrics`]: reading one Prometheus sample;
 //! - [`fixtures`]: a real `redis-server` on a free port and real gateway processes, each killed
-//!   by PID when dropped; [`topology`]: Redis Cluster and Sentinel fixtures.
+//!   by PID when dropped; [`topology`]: Redis Cluster and Sentinel fixtures; [`browser`]:
+//!   headless Chromium and a page server that records what the page reports.
 //!
 //! Nothing here mocks Redis, HTTP or the OS: tests drive real processes over real sockets.
 
+pub mod browser;
 pub mod fixtures;
 pub mod http;
 pub mod metrics;
@@ -17,7 +19,7 @@ pub mod sse;
 pub mod tokens;
 pub mod topology;
 
-pub use fixtures::{free_port, gateway_binary, publish_to, Gateway, Redis};
+pub use fixtures::{free_port, gateway_binary, publish_to, stdout_of, Gateway, Redis};
 pub use http::{http, Reply, SseClient};
 pub use sse::{Block, Decoder, SseEvent};
 pub use tokens::{client_token, now, publisher_token, token, token_with, SECRET};

@@ -17,6 +17,14 @@ fn wait_for(within: Duration, what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// `127.0.0.1:<port>` for each port, joined by commas (the host list of a URL).
+fn hosts(ports: impl Iterator<Item = u16>) -> String {
+    ports
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Whether a node's replication link to its master is up.
 fn synced(n: &Node) -> bool {
     n.cmd(&["INFO", "replication"])
@@ -161,12 +169,10 @@ impl Cluster {
 
     /// `redis+cluster://` with every node as a seed.
     pub fn url(&self) -> String {
-        let seeds: Vec<String> = self
-            .nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        format!("redis+cluster://{}", seeds.join(","))
+        format!(
+            "redis+cluster://{}",
+            hosts(self.nodes.iter().map(|n| n.port))
+        )
     }
 
     fn any(&self) -> &Node {
@@ -237,6 +243,18 @@ impl Cluster {
         m.sort();
         m.dedup();
         m
+    }
+
+    /// Waits until `port` no longer serves as a master (a replica took over, within 30 s).
+    pub async fn wait_failover_from(&self, port: u16) {
+        let started = Instant::now();
+        while self.masters().contains(&port) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "no replica took over from {port}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The master serving `slot`.
@@ -393,13 +411,12 @@ impl Sentinels {
         set
     }
 
+    /// `redis+sentinel://` with every Sentinel, for the master `mymaster`.
     pub fn url(&self) -> String {
-        let hosts: Vec<String> = self
-            .sentinels
-            .iter()
-            .map(|s| format!("127.0.0.1:{}", s.port))
-            .collect();
-        format!("redis+sentinel://{}/mymaster", hosts.join(","))
+        format!(
+            "redis+sentinel://{}/mymaster",
+            hosts(self.sentinels.iter().map(|s| s.port))
+        )
     }
 
     /// The port the Sentinels name as master now.

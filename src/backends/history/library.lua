@@ -1,26 +1,21 @@
-#!lua name=__LIBRARY__
 -- Durable publishing for sse-gateway. One call stores the event in the channel's capped stream
 -- and publishes it with its id, atomically:
---   FCALL __FUNCTION__ 1 {__PREFIX__<channel>} <payload> [<maxlen> <ttl ms> <max bytes>]
+--   FCALL <FUNCTION> 1 {<PREFIX><channel>} <payload> [<maxlen> <ttl ms> <max bytes>]
+-- The constants this file uses (VERSION, KEY_HEX, PREFIX, the defaults, PUBLISH, FUNCTION,
+-- INFO, MARKER and the naming rules) are written above it by the gateway, from its own Rust
+-- constants, when it loads the library (history/redis.rs, `Library::source`).
 -- The key is the channel's pub/sub name in braces: on a Redis Cluster the history keys then sit
 -- on the slot of the shard channel the event is published to. Replicas pass their settings as
 -- arguments; a publisher with only redis-cli leaves them out and gets the defaults below (those
 -- of the replica that loaded this library). Returns { epoch, id }.
 --
 -- The published message is `\0D2\0<mac>\0<epoch>\0<id>\0<payload>`, where <mac> is the hex
--- HMAC-SHA1, under the key below, of `<channel>\0<epoch>\0<id>\0<payload>`. Replicas move a
+-- HMAC-SHA1, under the key KEY_HEX, of `<channel>\0<epoch>\0<id>\0<payload>`. Replicas move a
 -- stream's position only for a message whose MAC verifies, so a raw PUBLISH (which cannot know
 -- the key) can never forge, suppress or reorder a durable event.
 --
--- __INFO__ answers { version, key }: replicas adopt the key of the library in place, and never
+-- INFO answers { version, key }: replicas adopt the key of the library in place, and never
 -- replace a library whose version is newer than theirs.
-local VERSION = __VERSION__
-local KEY_HEX = '__KEY_HEX__'
-local PREFIX = '__PREFIX__'
-local DEFAULT_MAXLEN = __MAXLEN__
-local DEFAULT_TTL_MS = __TTL_MS__
-local DEFAULT_MAX_BYTES = __MAX_BYTES__
-
 -- Hex pair -> byte, filled at the first call; gsub with a table calls no Lua function.
 local BYTE = nil
 local function bytes_of_hex(h)
@@ -63,9 +58,9 @@ local function check(payload, max_bytes)
     local ok, obj = pcall(cjson.decode, payload)
     if ok and type(obj) == 'table' and obj['data'] ~= nil and type(obj['event']) == 'string' then
       local ev = obj['event']
-      if #ev > 256 then return 'event name is longer than 256 bytes' end
+      if #ev > MAX_EVENT_NAME_BYTES then return 'event name is longer than ' .. MAX_EVENT_NAME_BYTES .. ' bytes' end
       if string.find(ev, '[\r\n%z]') then return 'event name contains CR, LF or NUL' end
-      if string.sub(ev, 1, 8) == 'gateway.' then return 'event names starting with gateway. are reserved' end
+      if string.sub(ev, 1, #RESERVED_PREFIX) == RESERVED_PREFIX then return 'event names starting with ' .. RESERVED_PREFIX .. ' are reserved' end
     end
   end
   return nil
@@ -89,8 +84,8 @@ local function publish(keys, args)
   if not channel then
     return redis.error_reply('ERR the key must be {' .. PREFIX .. '<channel>}, for example {' .. PREFIX .. 'orders}')
   end
-  if #channel > 200 or string.find(channel, '[^!-~]') or string.find(channel, '[%*,{}]') then
-    return redis.error_reply('ERR the channel in {' .. PREFIX .. '<channel>} must be 1-200 printable ASCII characters without space * , { }')
+  if #channel > MAX_CHANNEL_BYTES or string.find(channel, '[^!-~]') or string.find(channel, '[%*,{}]') then
+    return redis.error_reply('ERR the channel in {' .. PREFIX .. '<channel>} must be 1-' .. MAX_CHANNEL_BYTES .. ' printable ASCII characters without space * , { }')
   end
   local payload = args[1]
   if payload == nil then
@@ -151,7 +146,7 @@ local function publish(keys, args)
   if redis.call('EXISTS', trimmed_key) == 1 then redis.call('PEXPIRE', trimmed_key, ttl_ms) end
   if lost then redis.call('PEXPIRE', lost_key, ttl_ms) end
   local signed = channel .. '\0' .. epoch .. '\0' .. id .. '\0' .. payload
-  redis.call('__PUBLISH__', PREFIX .. channel, '\0D2\0' .. mac(signed) .. '\0' .. epoch .. '\0' .. id .. '\0' .. payload)
+  redis.call(PUBLISH, PREFIX .. channel, MARKER .. mac(signed) .. '\0' .. epoch .. '\0' .. id .. '\0' .. payload)
   return { epoch, id }
 end
 
@@ -159,5 +154,5 @@ local function info(keys, args)
   return { VERSION, KEY_HEX }
 end
 
-redis.register_function('__FUNCTION__', publish)
-redis.register_function{function_name = '__INFO__', callback = info, flags = {'no-writes'}}
+redis.register_function(FUNCTION, publish)
+redis.register_function{function_name = INFO, callback = info, flags = {'no-writes'}}

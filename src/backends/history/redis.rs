@@ -22,7 +22,9 @@ use redis::{Script, Value};
 
 use super::{History, HistoryError, HistorySettings, Page, Stored};
 use crate::backends::redis::{deadline, Commands as Pool, Failure};
-use crate::core::position::{DurableKey, Mark, Position, NO_EPOCH};
+use crate::core::channel::MAX_CHANNEL_BYTES;
+use crate::core::event::{MAX_EVENT_NAME_BYTES, RESERVED_PREFIX};
+use crate::core::position::{DurableKey, Mark, Position, DURABLE_MARKER, NO_EPOCH};
 
 /// The version of `library.lua`. Replicas never replace a library whose version is higher, so
 /// an old replica restarting mid-rollout cannot take newer code away from newer replicas; each
@@ -69,19 +71,38 @@ impl Library {
     }
 
     fn source(&self, key: &DurableKey) -> String {
+        self.source_as(LIBRARY_VERSION, key)
+    }
+
+    /// The library's source as a replica of `version` signing with `key` loads it: the Lua
+    /// constants are generated from the Rust ones (settings, names, the durable marker and the
+    /// naming rules), so the two sides cannot drift apart. Tests load other versions with it.
+    pub fn source_as(&self, version: i64, key: &DurableKey) -> String {
         let l = &self.0;
-        let escaped = l.prefix.replace('\\', "\\\\").replace('\'', "\\'");
-        include_str!("library.lua")
-            .replace("__LIBRARY__", &l.name)
-            .replace("__FUNCTION__", &l.function)
-            .replace("__INFO__", &l.info)
-            .replace("__VERSION__", &LIBRARY_VERSION.to_string())
-            .replace("__KEY_HEX__", key.hex())
-            .replace("__PREFIX__", &escaped)
-            .replace("__MAXLEN__", &l.defaults.0.to_string())
-            .replace("__TTL_MS__", &l.defaults.1.to_string())
-            .replace("__MAX_BYTES__", &l.defaults.2.to_string())
-            .replace("__PUBLISH__", l.pool.topology().publish_command())
+        let constants = [
+            ("VERSION", version.to_string()),
+            ("KEY_HEX", lua_string(key.hex().as_bytes())),
+            ("PREFIX", lua_string(l.prefix.as_bytes())),
+            ("DEFAULT_MAXLEN", l.defaults.0.to_string()),
+            ("DEFAULT_TTL_MS", l.defaults.1.to_string()),
+            ("DEFAULT_MAX_BYTES", l.defaults.2.to_string()),
+            (
+                "PUBLISH",
+                lua_string(l.pool.topology().publish_command().as_bytes()),
+            ),
+            ("FUNCTION", lua_string(l.function.as_bytes())),
+            ("INFO", lua_string(l.info.as_bytes())),
+            ("MARKER", lua_string(DURABLE_MARKER)),
+            ("MAX_EVENT_NAME_BYTES", MAX_EVENT_NAME_BYTES.to_string()),
+            ("RESERVED_PREFIX", lua_string(RESERVED_PREFIX.as_bytes())),
+            ("MAX_CHANNEL_BYTES", MAX_CHANNEL_BYTES.to_string()),
+        ];
+        let mut out = format!("#!lua name={}\n", l.name);
+        for (name, value) in constants {
+            out.push_str(&format!("local {name} = {value}\n"));
+        }
+        out.push_str(include_str!("library.lua"));
+        out
     }
 
     /// The version and key of the library in place: `None` when there is none, or only one
@@ -206,6 +227,25 @@ pub fn function_name(prefix: &str) -> String {
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
     format!("{}_publish", cleaned.trim_matches('_'))
+}
+
+/// A Lua string literal holding exactly `bytes`: printable ASCII as is (but `'` and `\\`),
+/// every other byte as a decimal escape.
+fn lua_string(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() + 2);
+    out.push('\'');
+    for &b in bytes {
+        match b {
+            b'\'' | b'\\' => {
+                out.push('\\');
+                out.push(char::from(b));
+            }
+            b' '..=b'~' => out.push(char::from(b)),
+            _ => out.push_str(&format!("\\{b:03}")),
+        }
+    }
+    out.push('\'');
+    out
 }
 
 /// A history script with the shared id helpers (`ids.lua`) in front of it.
@@ -459,6 +499,13 @@ impl History for RedisHistory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lua_strings_hold_any_bytes() {
+        assert_eq!(lua_string(b"sse:"), "'sse:'");
+        assert_eq!(lua_string(b"\0D2\0"), "'\\000D2\\000'");
+        assert_eq!(lua_string(b"a'b\\c\n"), "'a\\'b\\\\c\\010'");
+    }
 
     #[test]
     fn function_names_follow_the_prefix() {
