@@ -109,9 +109,7 @@ async fn a_redis_that_stops_answering_is_caught_by_the_probe() {
         .unwrap();
     // SIGSTOP: every socket stays open, nothing is answered or delivered. Only the probe,
     // published through Redis itself, can tell.
-    redis.signal("STOP");
-    let noticed = gw.wait_ready(false, Duration::from_secs(15)).await;
-    redis.signal("CONT");
+    let noticed = redis.stall_until_unready(&gw).await;
     assert!(
         noticed <= Duration::from_secs(8),
         "stall noticed after {noticed:?}"

@@ -99,22 +99,27 @@ async fn the_redis_limiter_keeps_the_contract() {
     contract(Arc::new(limiter), 3).await;
 }
 
-fn replicas(redis: &Redis, n: usize, extra: &[(&str, &str)]) -> Vec<Gateway> {
+/// `n` replicas on `redis` with `extra` settings, once all are ready.
+async fn ready_replicas(redis: &Redis, n: usize, extra: &[(&str, &str)]) -> Vec<Gateway> {
     let url = redis.url();
-    (0..n)
+    let gws: Vec<Gateway> = (0..n)
         .map(|_| {
             let mut env = vec![("SSE_GATEWAY_REDIS_URL", url.as_str())];
             env.extend_from_slice(extra);
             Gateway::start(&env)
         })
-        .collect()
-}
-
-async fn all_ready(gws: &[Gateway]) {
-    for g in gws {
+        .collect();
+    for g in &gws {
         g.wait_ready(true, T).await;
     }
+    gws
 }
+
+/// One stream per user and a lease short enough to lapse within a test.
+const ONE_SLOT_SHORT_LEASE: [(&str, &str); 2] = [
+    ("SSE_GATEWAY_MAX_CONNECTIONS_PER_USER", "1"),
+    ("SSE_GATEWAY_CONNECTION_LEASE_SECS", "3"),
+];
 
 async fn try_open(gw: &Gateway, token: &str) -> Result<SseClient, Reply> {
     SseClient::open(gw.client, "/events?channel=l", Some(token)).await
@@ -134,8 +139,7 @@ fn live_slots(redis: &Redis, sub: &str) -> i64 {
 #[tokio::test]
 async fn fifty_racing_connects_over_three_replicas_admit_exactly_the_limit() {
     let redis = Redis::start();
-    let gws = replicas(&redis, 3, &[("SSE_GATEWAY_MAX_CONNECTIONS_PER_USER", "3")]);
-    all_ready(&gws).await;
+    let gws = ready_replicas(&redis, 3, &[("SSE_GATEWAY_MAX_CONNECTIONS_PER_USER", "3")]).await;
     let tok = client_token("alice", &["l"]);
     let attempts = (0..50).map(|i| {
         let addr = gws[i % 3].client;
@@ -181,15 +185,15 @@ async fn fifty_racing_connects_over_three_replicas_admit_exactly_the_limit() {
 #[tokio::test]
 async fn every_close_path_gives_the_slot_back() {
     let redis = Redis::start();
-    let mut gws = replicas(
+    let mut gws = ready_replicas(
         &redis,
         2,
         &[
             ("SSE_GATEWAY_MAX_CONNECTIONS_PER_USER", "1"),
             ("SSE_GATEWAY_DRAIN_SECS", "0"),
         ],
-    );
-    all_ready(&gws).await;
+    )
+    .await;
     // Token expiry.
     let short = token(serde_json::json!({"sub": "carol", "exp": now() + 2, "channels": ["l"]}));
     let mut s = try_open(&gws[0], &short).await.unwrap();
@@ -227,15 +231,15 @@ async fn every_close_path_gives_the_slot_back() {
 #[tokio::test]
 async fn a_killed_replica_frees_its_slots_within_the_lease() {
     let redis = Redis::start();
-    let mut gws = replicas(
+    let mut gws = ready_replicas(
         &redis,
         3,
         &[
             ("SSE_GATEWAY_MAX_CONNECTIONS_PER_USER", "2"),
             ("SSE_GATEWAY_CONNECTION_LEASE_SECS", "2"),
         ],
-    );
-    all_ready(&gws).await;
+    )
+    .await;
     let tok = client_token("erin", &["l"]);
     let _on_a = try_open(&gws[0], &tok).await.unwrap();
     let _on_b = try_open(&gws[1], &tok).await.unwrap();
@@ -264,15 +268,15 @@ async fn a_killed_replica_frees_its_slots_within_the_lease() {
 #[tokio::test]
 async fn a_replica_paused_past_its_lease_does_not_corrupt_counts() {
     let redis = Redis::start();
-    let gws = replicas(
+    let gws = ready_replicas(
         &redis,
         2,
         &[
             ("SSE_GATEWAY_MAX_CONNECTIONS_PER_USER", "2"),
             ("SSE_GATEWAY_CONNECTION_LEASE_SECS", "2"),
         ],
-    );
-    all_ready(&gws).await;
+    )
+    .await;
     let tok = client_token("frank", &["l"]);
     let mut on_b = try_open(&gws[1], &tok).await.unwrap();
     assert_eq!(live_slots(&redis, "frank"), 1);
@@ -324,15 +328,7 @@ async fn a_replica_paused_past_its_lease_does_not_corrupt_counts() {
 #[tokio::test]
 async fn a_pause_shorter_than_the_lease_never_takes_a_live_replicas_slot() {
     let redis = Redis::start();
-    let gws = replicas(
-        &redis,
-        2,
-        &[
-            ("SSE_GATEWAY_MAX_CONNECTIONS_PER_USER", "1"),
-            ("SSE_GATEWAY_CONNECTION_LEASE_SECS", "3"),
-        ],
-    );
-    all_ready(&gws).await;
+    let gws = ready_replicas(&redis, 2, &ONE_SLOT_SHORT_LEASE).await;
     let tok = client_token("gina", &["l"]);
     let _on_b = try_open(&gws[1], &tok).await.unwrap();
     let mut refused = 0;
@@ -357,15 +353,7 @@ async fn a_pause_shorter_than_the_lease_never_takes_a_live_replicas_slot() {
 #[tokio::test]
 async fn slots_lost_by_redis_are_put_back_by_reconciliation() {
     let redis = Redis::start();
-    let gws = replicas(
-        &redis,
-        2,
-        &[
-            ("SSE_GATEWAY_MAX_CONNECTIONS_PER_USER", "1"),
-            ("SSE_GATEWAY_CONNECTION_LEASE_SECS", "3"),
-        ],
-    );
-    all_ready(&gws).await;
+    let gws = ready_replicas(&redis, 2, &ONE_SLOT_SHORT_LEASE).await;
     let tok = client_token("hank", &["l"]);
     let _on_a = try_open(&gws[0], &tok).await.unwrap();
     // A failover to a replica that had not seen the write: the slot is gone, leases are not.

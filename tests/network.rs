@@ -93,31 +93,28 @@ fn replica(host: &netlab::Host, redis_url: &str, extra: &[(&str, &str)]) -> Gate
     Gateway::start_in(&host.ns, &env)
 }
 
-/// Redis on a host of its own and a ready replica on each of two more.
-struct Split {
+/// Three lab hosts: Redis's and two replicas'.
+struct Hosts {
     r: netlab::Host,
     a: netlab::Host,
     b: netlab::Host,
-    redis: Redis,
-    gw_a: Gateway,
-    gw_b: Gateway,
 }
 
-async fn split(lab: &netlab::Lab, extra: &[(&str, &str)]) -> Split {
-    let (r, a, b) = (lab.host(), lab.host(), lab.host());
-    let redis = Redis::start_in(&r.ns, &r.addr.to_string());
-    let gw_a = replica(&a, &redis.url(), extra);
-    let gw_b = replica(&b, &redis.url(), extra);
+/// A lab with Redis on a host of its own and a ready replica on each of two more (`extra`
+/// settings); `None` (the test skips) where no lab can be built.
+async fn split(extra: &[(&str, &str)]) -> Option<(netlab::Lab, Hosts, Redis, Gateway, Gateway)> {
+    let lab = lab_or_skip()?;
+    let hosts = Hosts {
+        r: lab.host(),
+        a: lab.host(),
+        b: lab.host(),
+    };
+    let redis = Redis::start_in(&hosts.r.ns, &hosts.r.addr.to_string());
+    let gw_a = replica(&hosts.a, &redis.url(), extra);
+    let gw_b = replica(&hosts.b, &redis.url(), extra);
     gw_a.wait_ready(true, T).await;
     gw_b.wait_ready(true, T).await;
-    Split {
-        r,
-        a,
-        b,
-        redis,
-        gw_a,
-        gw_b,
-    }
+    Some((lab, hosts, redis, gw_a, gw_b))
 }
 
 /// Every event of `c` until `last` arrives (or nothing more comes for 10 s): (event, data).
@@ -135,20 +132,15 @@ async fn events_until(c: &mut SseClient, last: &str) -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn a_replica_cut_off_from_redis_turns_unready_and_catches_up_on_durable_events() {
-    let Some(lab) = lab_or_skip() else { return };
-    let Split {
-        r,
-        a,
-        b: _b,
-        redis,
-        gw_a,
-        gw_b,
-    } = split(&lab, &[]).await;
+    let Some((_lab, hosts, redis, gw_a, gw_b)) = split(&[]).await else {
+        return;
+    };
+    let (r, a) = (&hosts.r, &hosts.a);
     let mut c = gw_a.subscribe("jo", "split").await;
     gw_b.publish_data("split", "d0").await;
     c.expect_data("d0").await;
 
-    netlab::partition(&a, &r);
+    netlab::partition(a, r);
     let noticed = gw_a.wait_ready(false, Duration::from_secs(10)).await;
     // Probes go out every SSE_GATEWAY_REDIS_PROBE_SECS (1 s); one not back by the next is lost.
     assert!(
@@ -161,7 +153,7 @@ async fn a_replica_cut_off_from_redis_turns_unready_and_catches_up_on_durable_ev
         // Redis still counts A's dead subscription and writes into it: lost for A's clients.
         redis.publish("sse:split", format!("raw{i}").as_bytes());
     }
-    netlab::heal(&a, &r);
+    netlab::heal(a, r);
     let back = gw_a.wait_ready(true, Duration::from_secs(15)).await;
     gw_b.publish_data("split", "d6").await;
     let seen = events_until(&mut c, "d6").await;
@@ -174,21 +166,16 @@ async fn a_replica_cut_off_from_redis_turns_unready_and_catches_up_on_durable_ev
 
 #[tokio::test]
 async fn redis_cut_off_from_every_replica_for_ten_seconds_loses_nothing_durable() {
-    let Some(lab) = lab_or_skip() else { return };
-    let Split {
-        r,
-        a,
-        b,
-        redis,
-        gw_a,
-        gw_b,
-    } = split(&lab, &[]).await;
+    let Some((_lab, hosts, redis, gw_a, gw_b)) = split(&[]).await else {
+        return;
+    };
+    let (r, a, b) = (&hosts.r, &hosts.a, &hosts.b);
     let mut on_a = gw_a.subscribe("kay", "dark").await;
     let mut on_b = gw_b.subscribe("kay", "dark").await;
     gw_a.publish_data("dark", "before").await;
 
-    netlab::partition(&r, &a);
-    netlab::partition(&r, &b);
+    netlab::partition(r, a);
+    netlab::partition(r, b);
     gw_a.wait_ready(false, Duration::from_secs(10)).await;
     gw_b.wait_ready(false, Duration::from_secs(10)).await;
     // A publisher that still reaches Redis keeps storing durable events meanwhile.
@@ -206,8 +193,8 @@ async fn redis_cut_off_from_every_replica_for_ten_seconds_loses_nothing_durable(
             .unwrap();
     }
     tokio::time::sleep(Duration::from_secs(10)).await;
-    netlab::heal(&r, &a);
-    netlab::heal(&r, &b);
+    netlab::heal(r, a);
+    netlab::heal(r, b);
     let healed = std::time::Instant::now();
     gw_a.wait_ready(true, Duration::from_secs(15)).await;
     gw_b.wait_ready(true, Duration::from_secs(15)).await;
@@ -235,19 +222,14 @@ async fn ended(c: &mut SseClient) -> bool {
 
 #[tokio::test]
 async fn a_replica_cut_off_from_redis_past_its_lease_never_lets_a_user_exceed_the_limit() {
-    let Some(lab) = lab_or_skip() else { return };
     let settings = [
         ("SSE_GATEWAY_CONNECTION_LEASE_SECS", "4"),
         ("SSE_GATEWAY_MAX_CONNECTIONS_PER_USER", "1"),
     ];
-    let Split {
-        r,
-        a,
-        b: _b,
-        redis: _redis,
-        gw_a,
-        gw_b,
-    } = split(&lab, &settings).await;
+    let Some((_lab, hosts, _redis, gw_a, gw_b)) = split(&settings).await else {
+        return;
+    };
+    let (r, a) = (&hosts.r, &hosts.a);
     let tok = client_token("lee", &["fence"]);
     let mut on_a = vec![
         SseClient::open(gw_a.client, "/events?channel=fence", Some(&tok))
@@ -270,7 +252,7 @@ async fn a_replica_cut_off_from_redis_past_its_lease_never_lets_a_user_exceed_th
         }
         n
     }
-    netlab::partition(&a, &r);
+    netlab::partition(a, r);
     let cut = std::time::Instant::now();
     // Clients keep trying both replicas for three leases; B admits once A's lease is gone.
     while cut.elapsed() < Duration::from_secs(12) {
@@ -287,7 +269,7 @@ async fn a_replica_cut_off_from_redis_past_its_lease_never_lets_a_user_exceed_th
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(live(&mut on_b).await, 1, "B never took the user over");
-    netlab::heal(&a, &r);
+    netlab::heal(a, r);
     gw_a.wait_ready(true, Duration::from_secs(15)).await;
     let healed = std::time::Instant::now();
     while healed.elapsed() < Duration::from_secs(4) {
@@ -312,20 +294,15 @@ fn inspect_user(redis: &Redis, user: &str) -> String {
 
 #[tokio::test]
 async fn inspect_across_hosts_names_the_replica_of_every_stream_and_a_paused_one_as_gone() {
-    let Some(lab) = lab_or_skip() else { return };
     // Admin ports bound to every address, as in a pod: each replica must advertise its own.
     let settings = [
         ("SSE_GATEWAY_ADMIN_LISTEN", "0.0.0.0:0"),
         ("SSE_GATEWAY_CONNECTION_LEASE_SECS", "3"),
     ];
-    let Split {
-        r: _r,
-        a,
-        b,
-        redis,
-        gw_a,
-        gw_b,
-    } = split(&lab, &settings).await;
+    let Some((_lab, hosts, redis, gw_a, gw_b)) = split(&settings).await else {
+        return;
+    };
+    let (a, b) = (&hosts.a, &hosts.b);
     assert_eq!(gw_a.admin.ip(), std::net::IpAddr::V4(a.addr));
     assert_eq!(gw_b.admin.ip(), std::net::IpAddr::V4(b.addr));
     let _on_a = gw_a.subscribe("max", "where").await;
@@ -488,23 +465,7 @@ async fn a_sentinel_failover_away_from_a_silently_cut_master_loses_nothing_unann
     let a = lab.host();
     let b = lab.host();
     let port = 6390u16;
-    let data = |host: &netlab::Host| -> Vec<String> {
-        [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            &host.addr.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
+    let data = |host: &netlab::Host| topology::data_node_on(&host.addr.to_string(), port);
     let margs = data(&m);
     m.spawn(
         "redis-server",

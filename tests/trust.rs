@@ -103,9 +103,7 @@ async fn a_number_published_on_the_probe_channel_does_not_switch_the_probe_off()
         redis.publish(&channels[0], forged.as_bytes());
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    redis.signal("STOP");
-    let noticed = gw.wait_ready(false, Duration::from_secs(15)).await;
-    redis.signal("CONT");
+    let noticed = redis.stall_until_unready(&gw).await;
     assert!(
         noticed <= Duration::from_secs(8),
         "stall noticed after {noticed:?}"

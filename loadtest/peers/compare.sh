@@ -23,22 +23,12 @@ streams=${STREAMS:-10000}
 systems=${SYSTEMS:-sse-gateway nchan python}
 scenarios=${SCENARIOS:-idle broadcast light private churn}
 out=${OUT:-$root/target/compare}
-dir=$(mktemp -d /tmp/sse-compare.XXXXXX)
 secret=compare-secret-0123456789abcdef
 export SSE_GATEWAY_JWT_SECRET=$secret
 mkdir -p "$out"
-pids=()
-
-cleanup() {
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
+name=compare
+# shellcheck source=loadtest/peers/lib.sh
+. "$here/lib.sh"
 
 wait_for() { # url
   for _ in $(seq 1 200); do

@@ -15,21 +15,11 @@ root=$(cd "$here/../.." && pwd)
 streams=${STREAMS:-5000}
 rate=${RATE:-2000}
 out=${OUT:-$root/target/topologies}
-dir=$(mktemp -d /tmp/sse-topologies.XXXXXX)
 export SSE_GATEWAY_JWT_SECRET=topologies-secret-0123456789abcdef
 mkdir -p "$out"
-pids=()
-
-cleanup() {
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
+name=topologies
+# shellcheck source=loadtest/peers/lib.sh
+. "$here/lib.sh"
 
 redis() { # port, extra args...
   local port=$1

@@ -21,6 +21,16 @@ fn tool(args: &[&str]) -> String {
     text
 }
 
+/// Runs the tool with `args` (split at spaces) and fails unless its output holds every one of
+/// `wants`.
+fn says(args: &str, wants: &[&str]) {
+    let args: Vec<&str> = args.split_whitespace().collect();
+    let out = tool(&args);
+    for want in wants {
+        assert!(out.contains(want), "{args:?}: no {want:?} in {out}");
+    }
+}
+
 /// A ready replica on `redis`.
 async fn start_gateway(redis: &Redis) -> Gateway {
     let gateway = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);
@@ -93,20 +103,11 @@ async fn every_scenario_runs_and_adds_up() {
     let page = std::fs::read_to_string(dir.join("broadcast.html")).unwrap();
     assert!(page.contains("<svg") && page.contains("delivered: 1000 of 1000"));
 
-    let out = tool(&[
-        "private",
-        "--targets",
-        &target,
-        "--redis-url",
-        &redis_url,
-        "--streams",
-        "10",
-        "--events",
-        "40",
-        "--rate",
-        "100",
-    ]);
-    assert!(out.contains("delivered: 40 of 40"), "{out}");
+    let private = "--streams 10 --events 40 --rate 100";
+    says(
+        &format!("private --targets {target} --redis-url {redis_url} {private}"),
+        &["delivered: 40 of 40"],
+    );
 
     let out = tool(&["table", &file("idle.json"), &file("broadcast.json")]);
     assert_eq!(out.lines().count(), 4, "{out}");
@@ -127,98 +128,41 @@ async fn every_scenario_runs_and_adds_up() {
     ]);
     assert!(out.starts_with("capacity estimate: "), "{out}");
 
-    let out = tool(&["connect", "--targets", &target, "--streams", "20"]);
-    assert!(
-        out.contains("20 sequential streams") && out.contains("0 failed"),
-        "{out}"
+    says(
+        &format!("connect --targets {target} --streams 20"),
+        &["20 sequential streams", "0 failed"],
     );
 
-    let out = tool(&[
-        "churn",
-        "--targets",
-        &target,
-        "--concurrency",
-        "2",
-        "--secs",
-        "1",
-    ]);
-    assert!(
-        out.contains("connects: ") && out.contains(", 0 failed"),
-        "{out}"
+    says(
+        &format!("churn --targets {target} --concurrency 2 --secs 1"),
+        &["connects: ", ", 0 failed"],
     );
 
-    let out = tool(&[
-        "audit",
-        "--targets",
-        &target,
-        "--redis-url",
-        &redis_url,
-        "--streams",
-        "10",
-        "--secs",
-        "2",
-        "--rate",
-        "20",
-    ]);
-    assert!(
-        out.contains("audit: 10 clients, 10 complete; in order 400, repeated 0, silently lost 0"),
-        "{out}"
+    says(
+        &format!(
+            "audit --targets {target} --redis-url {redis_url} --streams 10 --secs 2 --rate 20"
+        ),
+        &["audit: 10 clients, 10 complete; in order 400, repeated 0, silently lost 0"],
     );
 
-    let out = tool(&[
-        "publish",
-        "--targets",
-        &target,
-        "--via",
-        "http",
-        "--events",
-        "40",
-        "--concurrency",
-        "2",
-    ]);
-    assert!(out.contains("40 of 40 accepted"), "{out}");
-    let out = tool(&[
-        "publish",
-        "--via",
-        "redis",
-        "--redis-url",
-        &redis_url,
-        "--events",
-        "40",
-        "--concurrency",
-        "2",
-    ]);
-    assert!(out.contains("40 of 40 accepted"), "{out}");
+    says(
+        &format!("publish --targets {target} --via http --events 40 --concurrency 2"),
+        &["40 of 40 accepted"],
+    );
+    says(
+        &format!("publish --via redis --redis-url {redis_url} --events 40 --concurrency 2"),
+        &["40 of 40 accepted"],
+    );
 
-    let out = tool(&[
-        "resume",
-        "--targets",
-        &target,
-        "--redis-url",
-        &redis_url,
-        "--missed",
-        "30",
-        "--rounds",
-        "2",
-    ]);
-    assert!(out.contains("resume of 30 missed events"), "{out}");
+    says(
+        &format!("resume --targets {target} --redis-url {redis_url} --missed 30 --rounds 2"),
+        &["resume of 30 missed events"],
+    );
 
-    let out = tool(&[
-        "idle-h2",
-        "--targets",
-        &target,
-        "--admins",
-        &admins,
-        "--streams",
-        "30",
-        "--per-connection",
-        "10",
-        "--hold-secs",
-        "1",
-    ]);
-    assert!(
-        out.contains("opened 30 HTTP/2 streams over 3 connections"),
-        "{out}"
+    let h2 = "--streams 30 --per-connection 10 --hold-secs 1";
+    says(
+        &format!("idle-h2 --targets {target} --admins {admins} {h2}"),
+        &["opened 30 HTTP/2 streams over 3 connections"],
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -205,6 +205,15 @@ impl Redis {
             .expect("redis connection")
     }
 
+    /// Freezes the server (SIGSTOP: sockets stay open, nothing is answered) until `gw` turns
+    /// unready, then thaws it; how long the replica took to notice.
+    pub async fn stall_until_unready(&self, gw: &Gateway) -> Duration {
+        self.signal("STOP");
+        let noticed = gw.wait_ready(false, Duration::from_secs(15)).await;
+        self.signal("CONT");
+        noticed
+    }
+
     /// Drops every pub/sub client, as a proxy restart or a failover does to the replicas.
     pub fn kill_pubsub_clients(&self) {
         let _: i64 = redis::cmd("CLIENT")

@@ -17,6 +17,30 @@ fn wait_for(within: Duration, what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// The `redis-server` arguments of a throwaway data node on loopback `port`.
+fn data_node(port: u16) -> Vec<String> {
+    data_node_on("127.0.0.1", port)
+}
+
+/// The `redis-server` arguments of a throwaway data node bound to `bind`:`port`: nothing kept
+/// on disk, reachable from other hosts.
+pub fn data_node_on(bind: &str, port: u16) -> Vec<String> {
+    [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        bind,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// `127.0.0.1:<port>` for each port, joined by commas (the host list of a URL).
 fn hosts(ports: impl Iterator<Item = u16>) -> String {
     ports
@@ -116,30 +140,19 @@ impl Cluster {
             .map(|_| {
                 let port = free_port();
                 let d = dir.to_string_lossy();
-                Node::spawn(
-                    port,
-                    &[
-                        "--port".into(),
-                        port.to_string(),
-                        "--bind".into(),
-                        "127.0.0.1".into(),
-                        "--cluster-enabled".into(),
-                        "yes".into(),
-                        "--cluster-config-file".into(),
-                        format!("{d}/nodes-{port}.conf"),
-                        // Failover a second or two after a master dies.
-                        "--cluster-node-timeout".into(),
-                        "1500".into(),
-                        "--save".into(),
-                        String::new(),
-                        "--appendonly".into(),
-                        "no".into(),
-                        "--protected-mode".into(),
-                        "no".into(),
-                        "--dir".into(),
-                        d.to_string(),
-                    ],
-                )
+                let mut args = data_node(port);
+                args.extend([
+                    "--cluster-enabled".into(),
+                    "yes".into(),
+                    "--cluster-config-file".into(),
+                    format!("{d}/nodes-{port}.conf"),
+                    // Failover a second or two after a master dies.
+                    "--cluster-node-timeout".into(),
+                    "1500".into(),
+                    "--dir".into(),
+                    d.to_string(),
+                ]);
+                Node::spawn(port, &args)
             })
             .collect();
         let addrs: Vec<String> = nodes
@@ -348,20 +361,7 @@ pub struct Sentinels {
 impl Sentinels {
     pub fn start() -> Self {
         let dir = temp_dir("sentinel");
-        let data = |port: u16| -> Vec<String> {
-            vec![
-                "--port".into(),
-                port.to_string(),
-                "--bind".into(),
-                "127.0.0.1".into(),
-                "--save".into(),
-                String::new(),
-                "--appendonly".into(),
-                "no".into(),
-                "--protected-mode".into(),
-                "no".into(),
-            ]
-        };
+        let data = data_node;
         let mport = free_port();
         let master = Node::spawn(mport, &data(mport));
         let rport = free_port();
