@@ -183,6 +183,7 @@ pub async fn run(
     };
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
 
+    ::metrics::gauge!(crate::metrics::MAX_CONNECTIONS).set(config.max_connections as f64);
     let hub = Arc::new(Hub::new());
     let verifier = auth::Verifier::new(&config)?;
     let replica_id = format!("{:016x}", rand::random::<u64>());

@@ -11,6 +11,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Open streams on this replica.
 pub const CONNECTIONS: &str = "sse_gateway_connections";
+/// The stream capacity of this replica (`SSE_GATEWAY_MAX_CONNECTIONS`), so that alerts and
+/// dashboards divide by the real setting instead of a copy of it.
+pub const MAX_CONNECTIONS: &str = "sse_gateway_max_connections";
 /// Streams accepted.
 pub const CONNECTIONS_OPENED: &str = "sse_gateway_connections_opened_total";
 /// Stream requests refused, by error code.
@@ -111,6 +114,10 @@ impl Exporter {
 
 fn describe() {
     describe_gauge!(CONNECTIONS, "Open SSE streams on this replica.");
+    describe_gauge!(
+        MAX_CONNECTIONS,
+        "Streams this replica admits at most (SSE_GATEWAY_MAX_CONNECTIONS)."
+    );
     describe_counter!(CONNECTIONS_OPENED, "SSE streams accepted.");
     describe_counter!(
         CONNECTIONS_REJECTED,

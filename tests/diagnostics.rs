@@ -155,6 +155,15 @@ async fn a_flood_of_refusals_is_logged_at_a_bounded_rate() {
 }
 
 #[tokio::test]
+async fn the_stream_capacity_is_exported_for_alerts_to_divide_by() {
+    let gw = Gateway::start(&[("SSE_GATEWAY_MAX_CONNECTIONS", "1234")]);
+    assert_eq!(gw.metric("sse_gateway_max_connections").await, 1234.0);
+    let text = gw.metrics().await;
+    assert!(text.contains("process_max_fds"), "{text}");
+    assert!(text.contains("process_open_fds"), "{text}");
+}
+
+#[tokio::test]
 async fn the_admin_token_guards_every_listing_but_not_the_probes() {
     let gw = Gateway::start(&[("SSE_GATEWAY_ADMIN_TOKEN", "admin-s3cret-token")]);
     for path in ["/connections", "/channels", "/rejections"] {
