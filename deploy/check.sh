@@ -148,12 +148,20 @@ python3 - <<'PY'
 import json, re
 d = json.load(open("deploy/grafana/sse-gateway.json"))
 names = set(re.findall(r"sse_gateway_[a-z_]+", open("src/metrics.rs").read()))
+# What the process collector exports (metrics-process).
+names |= {"process_cpu_seconds_total", "process_open_fds", "process_max_fds",
+          "process_resident_memory_bytes", "process_virtual_memory_bytes", "process_start_time_seconds"}
+variables = {v["name"] for v in d["templating"]["list"]}
+assert {"namespace", "instance"} <= variables, f"dashboard variables: {variables}"
 for p in d["panels"]:
+    assert p.get("description"), f"panel {p['title']!r} has no description"
     for t in p["targets"]:
-        for m in re.findall(r"sse_gateway_[a-z_]+", t["expr"]):
+        for m in re.findall(r"\b(?:sse_gateway|process)_[a-z_]+", t["expr"]):
             base = re.sub(r"_(bucket|sum|count)$", "", m)
             assert base in names, f"panel {p['title']!r} uses {m}, which the gateway does not export"
-print(f"{len(d['panels'])} panels, every metric exists")
+        assert 'namespace=~"$namespace"' in t["expr"] and 'pod=~"$instance"' in t["expr"], \
+            f"panel {p['title']!r} ignores the namespace or pod selection: {t['expr']}"
+print(f"{len(d['panels'])} panels, every metric exists and every query follows the variables")
 PY
 
 echo "deploy checks passed"
