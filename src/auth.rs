@@ -20,6 +20,9 @@ pub struct Claims {
     pub sub: Option<String>,
     /// Expiry, seconds since the epoch.
     pub exp: u64,
+    /// When the token was issued, seconds since the epoch (what a revocation compares).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
     /// Channels (or `prefix*`) the token may subscribe to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channels: Option<Vec<String>>,
@@ -141,7 +144,9 @@ pub fn mint(
     ttl: Duration,
     private_key_pem: Option<&[u8]>,
 ) -> Result<String, String> {
-    claims.exp = now_secs() + ttl.as_secs();
+    let now = now_secs();
+    claims.exp = now + ttl.as_secs();
+    claims.iat.get_or_insert(now);
     if claims.iss.is_none() {
         claims.iss = config.jwt_issuer.clone();
     }

@@ -144,6 +144,13 @@ pub struct Settings {
     /// Origins allowed to open streams from a browser: `*` or a comma-separated list.
     #[arg(long, env = "SSE_GATEWAY_CORS_ORIGINS")]
     pub cors_origins: Option<String>,
+    /// Name of a cookie that may carry the token (after `Authorization`, before
+    /// `?access_token=`), so browsers keep tokens out of URLs and refresh them without code.
+    #[arg(long, env = "SSE_GATEWAY_AUTH_COOKIE")]
+    pub auth_cookie: Option<String>,
+    /// `false`: `?access_token=` is refused (400), so tokens never sit in URLs or proxy logs.
+    #[arg(long, env = "SSE_GATEWAY_QUERY_TOKEN", default_value_t = true, action = clap::ArgAction::Set)]
+    pub query_token: bool,
     /// PEM certificate chain for TLS on the client port.
     #[arg(long, env = "SSE_GATEWAY_TLS_CERT_FILE")]
     pub tls_cert_file: Option<PathBuf>,
@@ -314,6 +321,10 @@ pub struct Config {
     pub max_event_bytes: usize,
     /// Browser origins allowed.
     pub cors_origins: Option<CorsOrigins>,
+    /// The cookie that may carry the token.
+    pub auth_cookie: Option<String>,
+    /// Whether `?access_token=` is accepted.
+    pub query_token: bool,
     /// TLS certificate and key files.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Per-stream queue length.
@@ -589,6 +600,11 @@ impl Settings {
             connection_lease: lease,
             max_event_bytes: self.max_event_bytes,
             cors_origins,
+            auth_cookie: match self.auth_cookie.filter(|c| !c.is_empty()) {
+                None => None,
+                Some(name) => Some(validate_cookie_name(name)?),
+            },
+            query_token: self.query_token,
             tls,
             client_queue: self.client_queue,
             redis_probe: probe,
@@ -626,6 +642,19 @@ impl Settings {
                 self.max_pending_handshakes as u64,
             )? as usize,
         })
+    }
+}
+
+/// A cookie name as RFC 6265 allows it (an HTTP token: no separators, spaces or controls).
+fn validate_cookie_name(name: String) -> Result<String, ConfigError> {
+    let token_char = |c: char| c.is_ascii_graphic() && !"()<>@,;:\\\"/[]?={}".contains(c);
+    if name.chars().all(token_char) {
+        Ok(name)
+    } else {
+        Err(bad(
+            "SSE_GATEWAY_AUTH_COOKIE",
+            format!("{name:?} is not a cookie name: use letters, digits and -_.!#$%&'*+^`|~ only"),
+        ))
     }
 }
 

@@ -36,6 +36,8 @@ pub const REDIS_RECONNECTS: &str = "sse_gateway_redis_reconnects_total";
 pub const SUBSCRIBED_CHANNELS: &str = "sse_gateway_subscribed_channels";
 /// `POST /publish` outcomes.
 pub const PUBLISH: &str = "sse_gateway_publish_total";
+/// `POST /disconnect` outcomes.
+pub const DISCONNECTS: &str = "sse_gateway_disconnects_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -145,4 +147,5 @@ fn describe() {
         "Channels this replica is subscribed to."
     );
     describe_counter!(PUBLISH, "POST /publish requests, by result.");
+    describe_counter!(DISCONNECTS, "POST /disconnect requests, by result.");
 }

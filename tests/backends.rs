@@ -26,6 +26,7 @@ enum Got {
     Event(String, Vec<u8>),
     Durable(String, Mark, Vec<u8>),
     Gap(String),
+    Disconnect(String),
 }
 
 /// A sink that records everything and listens to a set of channels the test controls.
@@ -87,6 +88,10 @@ impl EventSink for Recorder {
     fn has_channel(&self, channel: &str) -> bool {
         self.listening.lock().unwrap().contains(channel)
     }
+    fn disconnect(&self, sub: &str) -> usize {
+        self.got.lock().unwrap().push(Got::Disconnect(sub.into()));
+        1
+    }
 }
 
 fn history_settings() -> HistorySettings {
@@ -142,6 +147,13 @@ async fn broker_contract(broker: Arc<dyn Broker>, sink: Arc<Recorder>) {
         .map(|i| Got::Event("orders".into(), format!("{{\"data\":{i}}}").into_bytes()))
         .collect();
     assert_eq!(got, want, "every event once, in publish order");
+    // Taking a user off reaches this replica's sink too (every replica's, through Redis).
+    broker
+        .disconnect("alice".into())
+        .await
+        .expect("disconnect sent");
+    let got = sink.wait_for(51).await;
+    assert_eq!(got[50], Got::Disconnect("alice".into()));
     // Publishing on a channel this replica does not listen to delivers nothing here (the memory
     // broker hands it to the sink, whose hub has no stream on it: the same outcome for clients).
     sink.forget("orders");
@@ -170,9 +182,9 @@ async fn the_redis_broker_keeps_the_contract() {
         .await
         .expect("subscribed");
     redis.publish("sse:raw", b"{\"data\":\"from redis-cli\"}");
-    let got = sink.wait_for(51).await;
+    let got = sink.wait_for(52).await;
     assert_eq!(
-        got[50],
+        got[51],
         Got::Event("raw".into(), b"{\"data\":\"from redis-cli\"}".to_vec())
     );
 }

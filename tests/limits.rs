@@ -17,7 +17,7 @@ const T: Duration = Duration::from_secs(10);
 
 async fn contract(limiter: Arc<dyn Limiter>, limit: usize) {
     // Exact under concurrency: 50 simultaneous attempts, `limit` admitted.
-    let attempts = (0..50u64).map(|i| Slot::acquire(limiter.clone(), "alice", 1000 + i));
+    let attempts = (0..50u64).map(|i| Slot::acquire(limiter.clone(), "alice", 1000 + i, 0));
     let results = futures_util::future::join_all(attempts).await;
     let refused = results
         .iter()
@@ -27,14 +27,14 @@ async fn contract(limiter: Arc<dyn Limiter>, limit: usize) {
     assert_eq!(admitted.len(), limit);
     assert_eq!(refused, 50 - limit);
     // Another user is not affected.
-    let bob = Slot::acquire(limiter.clone(), "bob", 5000)
+    let bob = Slot::acquire(limiter.clone(), "bob", 5000, 0)
         .await
         .expect("bob admitted");
     // A released slot can be taken again, soon.
     drop(admitted.pop());
     let deadline = Instant::now() + Duration::from_secs(1);
     let again = loop {
-        match Slot::acquire(limiter.clone(), "alice", 6000).await {
+        match Slot::acquire(limiter.clone(), "alice", 6000, 0).await {
             Ok(slot) => break slot,
             Err(e) => assert!(
                 Instant::now() < deadline,
@@ -43,7 +43,9 @@ async fn contract(limiter: Arc<dyn Limiter>, limit: usize) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert!(Slot::acquire(limiter.clone(), "alice", 6001).await.is_err());
+    assert!(Slot::acquire(limiter.clone(), "alice", 6001, 0)
+        .await
+        .is_err());
     drop(again);
     drop(admitted);
     drop(bob);
@@ -56,6 +58,7 @@ async fn contract(limiter: Arc<dyn Limiter>, limit: usize) {
                 limiter.clone(),
                 "alice",
                 7000 + i * 10 + Instant::now().elapsed().as_nanos() as u64 % 7,
+                0,
             )
         }))
         .await;
@@ -66,6 +69,37 @@ async fn contract(limiter: Arc<dyn Limiter>, limit: usize) {
         limiter.flush().await;
         assert!(Instant::now() < deadline, "slots leaked");
     }
+    revocation_contract(limiter).await;
+}
+
+/// A revocation refuses the user's older tokens and only those, never another user's, and an
+/// older revocation never undoes a newer one.
+async fn revocation_contract(limiter: Arc<dyn Limiter>) {
+    let (old, new) = (1_000_000, 2_000_000);
+    assert_eq!(limiter.streams_of("carol").await, Ok(0));
+    let held = Slot::acquire(limiter.clone(), "carol", 9000, old)
+        .await
+        .unwrap();
+    assert_eq!(limiter.streams_of("carol").await, Ok(1));
+    limiter.revoke("carol", new).await.unwrap();
+    limiter.revoke("carol", old).await.unwrap();
+    assert_eq!(
+        Slot::acquire(limiter.clone(), "carol", 9001, new - 1)
+            .await
+            .err(),
+        Some(LimitError::Revoked)
+    );
+    assert_eq!(
+        Slot::acquire(limiter.clone(), "carol", 9002, 0).await.err(),
+        Some(LimitError::Revoked),
+        "a token without iat cannot prove it is newer"
+    );
+    let fresh = Slot::acquire(limiter.clone(), "carol", 9003, new).await;
+    assert!(fresh.is_ok(), "{:?}", fresh.err());
+    assert!(Slot::acquire(limiter.clone(), "dave", 9004, old)
+        .await
+        .is_ok());
+    drop(held);
 }
 
 #[tokio::test]

@@ -23,6 +23,7 @@ const SHARDS: usize = 64;
 
 const SHUTDOWN_DRAIN: u8 = 1;
 const SHUTDOWN_LEASE_LOST: u8 = 2;
+const SHUTDOWN_DISCONNECTED: u8 = 3;
 
 /// One frame waiting in a stream's queue, with when the replica received its event.
 #[derive(Debug, Clone)]
@@ -68,6 +69,8 @@ pub enum CloseReason {
     UserLimit = 5,
     /// The stream reached `SSE_GATEWAY_MAX_STREAM_SECS`.
     MaxAge = 6,
+    /// The user was taken off (`POST /disconnect`).
+    Disconnected = 7,
 }
 
 impl CloseReason {
@@ -81,6 +84,7 @@ impl CloseReason {
             CloseReason::Error => "error",
             CloseReason::UserLimit => "user_limit",
             CloseReason::MaxAge => "max_age",
+            CloseReason::Disconnected => "disconnected",
         }
     }
 
@@ -92,6 +96,7 @@ impl CloseReason {
             4 => CloseReason::Error,
             5 => CloseReason::UserLimit,
             6 => CloseReason::MaxAge,
+            7 => CloseReason::Disconnected,
             _ => CloseReason::Client,
         }
     }
@@ -199,13 +204,25 @@ impl Subscriber {
         self.shutdown.load(Ordering::Acquire) != 0
     }
 
-    /// Why the stream was asked to end: the `reason` of its `gateway.shutdown`, and the
-    /// `connections_closed_total` reason.
-    pub fn shutdown_reason(&self) -> (&'static str, CloseReason) {
+    /// Why the stream was asked to end: the control event it says goodbye with, that event's
+    /// `reason`, and the `connections_closed_total` reason.
+    pub fn shutdown_reason(&self) -> (&'static str, &'static str, CloseReason) {
         match self.shutdown.load(Ordering::Acquire) {
-            SHUTDOWN_LEASE_LOST => ("redis_unavailable", CloseReason::Error),
-            _ => ("shutdown", CloseReason::Shutdown),
+            SHUTDOWN_LEASE_LOST => ("gateway.shutdown", "redis_unavailable", CloseReason::Error),
+            SHUTDOWN_DISCONNECTED => (
+                "gateway.disconnected",
+                "disconnected",
+                CloseReason::Disconnected,
+            ),
+            _ => ("gateway.shutdown", "shutdown", CloseReason::Shutdown),
         }
+    }
+
+    /// Asks the stream to send `gateway.disconnected` and end: its user was taken off.
+    pub fn request_disconnect(&self) {
+        self.shutdown
+            .store(SHUTDOWN_DISCONNECTED, Ordering::Release);
+        self.waker.wake();
     }
 
     /// Asks the stream to send `gateway.shutdown` and end.
@@ -402,6 +419,14 @@ impl Hub {
     /// The open stream with this id, if any.
     pub fn stream(&self, id: u64) -> Option<Arc<Subscriber>> {
         lock(self.stream_shard(id)).get(&id).cloned()
+    }
+
+    /// The open streams of user `sub` (to take them off).
+    pub fn streams_of(&self, sub: &str) -> Vec<Arc<Subscriber>> {
+        self.streams()
+            .into_iter()
+            .filter(|s| s.info.sub == sub)
+            .collect()
     }
 
     /// A snapshot of every open stream (for the drain).

@@ -31,6 +31,9 @@ pub trait EventSink: Send + Sync + 'static {
     fn channels(&self) -> Vec<String>;
     /// Whether some local stream still listens to `channel`.
     fn has_channel(&self, channel: &str) -> bool;
+    /// Takes user `sub` off this replica: each of their streams says `gateway.disconnected`
+    /// and ends. How many streams that was.
+    fn disconnect(&self, sub: &str) -> usize;
 }
 
 /// The hub as a sink: payloads are parsed and encoded once, then fanned out.
@@ -133,5 +136,13 @@ impl EventSink for Fanout {
 
     fn has_channel(&self, channel: &str) -> bool {
         self.hub.has_channel(channel)
+    }
+
+    fn disconnect(&self, sub: &str) -> usize {
+        let streams = self.hub.streams_of(sub);
+        for s in &streams {
+            s.request_disconnect();
+        }
+        streams.len()
     }
 }

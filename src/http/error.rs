@@ -2,13 +2,26 @@
 //!
 //! Invariants: every refusal is `{"error": CODE, "message": TEXT}` with the status the contract
 //! names for CODE; 401 carries `WWW-Authenticate: Bearer`, 429 and 503 carry `Retry-After`. The
-//! message speaks to the caller and never echoes a token.
+//! message speaks to the caller and never echoes a token. A passing refusal (429, 503) of a
+//! request that accepts `text/event-stream` is answered in-band instead (SPEC §6.3): `200`,
+//! `retry:` and `event: gateway.refused`, because `EventSource` gives up for good on any other
+//! status but retries a stream that ends.
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
+use crate::core::frame;
 use crate::http::body::GatewayBody;
+
+/// Whether the request accepts an event stream (what `EventSource` always sends).
+pub fn accepts_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("text/event-stream"))
+}
 
 /// A request the gateway refuses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +118,46 @@ impl ApiError {
             ApiError::Draining => Some("1"),
             _ => None,
         }
+    }
+
+    /// Whether a later retry may succeed (a full user, replica or broker outage), as opposed to
+    /// a request that is wrong in itself.
+    pub fn is_passing(&self) -> bool {
+        matches!(
+            self,
+            ApiError::UserLimit(_)
+                | ApiError::Capacity
+                | ApiError::Draining
+                | ApiError::Unavailable(_)
+        )
+    }
+
+    /// The answer for a request that does (`event_stream`) or does not accept
+    /// `text/event-stream`.
+    pub fn into_response_for(self, event_stream: bool) -> Response<GatewayBody> {
+        if event_stream && self.is_passing() {
+            self.into_in_band()
+        } else {
+            self.into_response()
+        }
+    }
+
+    /// `200` with `retry:` (the `Retry-After` in milliseconds, jittered by ±20 % so refused
+    /// browsers do not come back in step) and one `gateway.refused`, then the end.
+    fn into_in_band(self) -> Response<GatewayBody> {
+        let secs: u64 = self.retry_after().and_then(|s| s.parse().ok()).unwrap_or(5);
+        let retry_ms = (secs as f64 * 1000.0 * (0.8 + 0.4 * rand::random::<f64>())) as u64;
+        let data = serde_json::json!({"error": self.code(), "message": self.message()});
+        let mut body = format!("retry: {retry_ms}\n").into_bytes();
+        body.extend_from_slice(&frame::control("gateway.refused", &data.to_string()));
+        let mut response = Response::new(GatewayBody::Full(Full::new(Bytes::from(body))));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
     }
 
     /// The HTTP answer.

@@ -19,8 +19,8 @@ use crate::core::channel::{self, MAX_CHANNELS_PER_STREAM};
 use crate::core::frame;
 use crate::core::hub::{StreamInfo, Subscriber};
 use crate::http::body::GatewayBody;
-use crate::http::error::ApiError;
-use crate::http::request::{bearer_token, query_pairs, redacted_path};
+use crate::http::error::{accepts_event_stream, ApiError};
+use crate::http::request::{query_pairs, redacted_path, request_token};
 use crate::http::state::AppState;
 use crate::http::stream::resume;
 use crate::http::stream::{Lifetime, SseStream, StreamGuard};
@@ -37,6 +37,7 @@ pub async fn events<B>(
     conn: ConnInfo,
 ) -> Response<GatewayBody> {
     let mut sub = None;
+    let event_stream = accepts_event_stream(req.headers());
     match open(state, req, &conn, &mut sub).await {
         Ok(response) => {
             metrics::counter!(m::CONNECTIONS_OPENED).increment(1);
@@ -55,7 +56,7 @@ pub async fn events<B>(
                     message: e.message(),
                 },
             );
-            e.into_response()
+            e.into_response_for(event_stream)
         }
     }
 }
@@ -81,14 +82,16 @@ async fn open<B>(
         return Err(ApiError::Capacity);
     }
     let query = query_pairs(req.uri());
-    let token = bearer_token(req.headers(), &query).ok_or_else(|| {
-        ApiError::Unauthorized(
-            "no token: send Authorization: Bearer <JWT> or ?access_token=<JWT>".into(),
-        )
-    })?;
+    let token = request_token(req.headers(), &query, state.stream_token_sources())?
+        .ok_or_else(|| {
+            ApiError::Unauthorized(
+                "no token: send Authorization: Bearer <JWT>, the auth cookie, or ?access_token=<JWT>"
+                    .into(),
+            )
+        })?;
     let claims = state
         .verifier
-        .subscriber(token)
+        .subscriber(&token)
         .map_err(ApiError::Unauthorized)?;
     let sub = claims.sub.clone().unwrap_or_default();
     *known_sub = Some(sub.clone());
@@ -136,9 +139,14 @@ async fn open<B>(
     }
 
     let stream_id = state.next_stream_id();
-    let slot = Slot::acquire(state.limiter.clone(), &sub, stream_id)
+    let issued_at = claims.iat.unwrap_or(0);
+    let slot = Slot::acquire(state.limiter.clone(), &sub, stream_id, issued_at)
         .await
         .map_err(|e| match e {
+            LimitError::Revoked => ApiError::Unauthorized(
+                "this token was issued before the user's tokens were revoked; get a new one"
+                    .into(),
+            ),
             LimitError::UserLimit { limit } => ApiError::UserLimit(format!(
                 "this user already holds {limit} streams (SSE_GATEWAY_MAX_CONNECTIONS_PER_USER); close one or retry later"
             )),

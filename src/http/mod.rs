@@ -8,6 +8,7 @@ pub mod body;
 pub mod conn;
 pub mod cors;
 pub mod diagnostics;
+pub mod disconnect;
 pub mod error;
 pub mod events;
 pub mod h1stream;

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Body;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -18,7 +17,7 @@ use crate::core::event::validate_event_name;
 use crate::core::position::{Cursor, Mark};
 use crate::http::body::GatewayBody;
 use crate::http::error::ApiError;
-use crate::http::request::{bearer_token, query_pairs};
+use crate::http::request::{query_pairs, read_body, request_token};
 use crate::http::state::AppState;
 use crate::metrics as m;
 
@@ -65,12 +64,12 @@ where
 {
     let max = state.config.max_event_bytes;
     let query = query_pairs(req.uri());
-    let token = bearer_token(req.headers(), &query).ok_or_else(|| {
-        ApiError::Unauthorized("no token: send Authorization: Bearer <JWT>".into())
-    })?;
+    let token = request_token(req.headers(), &query, state.publisher_token_sources())?.ok_or_else(
+        || ApiError::Unauthorized("no token: send Authorization: Bearer <JWT>".into()),
+    )?;
     let claims = state
         .verifier
-        .publisher(token)
+        .publisher(&token)
         .map_err(ApiError::Unauthorized)?;
     let grants = claims.publish.unwrap_or_default();
     if grants.is_empty() {
@@ -78,35 +77,15 @@ where
             "the token has no publish claim, so it cannot publish".into(),
         ));
     }
-    let too_large = || {
-        ApiError::PayloadTooLarge(format!(
-            "body is over {max} bytes (SSE_GATEWAY_MAX_EVENT_BYTES)"
-        ))
-    };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return Err(too_large());
-    }
-    // The body must arrive within the header timeout (SPEC §6.2), and no handshake permit is
-    // held while it trickles in: slow publishers never keep new streams out.
-    let read = Limited::new(req.into_body(), max).collect();
-    let body = tokio::time::timeout(state.config.header_timeout, read)
-        .await
-        .map_err(|_| ApiError::RequestTimeout)?
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                too_large()
-            } else {
-                ApiError::BadRequest(format!("could not read the body: {e}"))
-            }
-        })?
-        .to_bytes();
+    // No handshake permit is held while the body trickles in: slow publishers never keep new
+    // streams out.
+    let body = read_body(
+        req,
+        max,
+        state.config.header_timeout,
+        "SSE_GATEWAY_MAX_EVENT_BYTES",
+    )
+    .await?;
     let _permit = state
         .handshakes
         .try_acquire()
@@ -162,7 +141,9 @@ where
     payload.push_str(data.get());
     payload.push('}');
     if payload.len() > max {
-        return Err(too_large());
+        return Err(ApiError::PayloadTooLarge(format!(
+            "the event is over {max} bytes (SSE_GATEWAY_MAX_EVENT_BYTES)"
+        )));
     }
     let payload = Bytes::from(payload);
     let mut ids = serde_json::Map::new();

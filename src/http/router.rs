@@ -28,7 +28,7 @@ where
     let cors_config = state.config.cors_origins.as_ref();
     let path_method = match req.uri().path() {
         "/events" => Some("GET"),
-        "/publish" => Some("POST"),
+        "/publish" | "/disconnect" => Some("POST"),
         _ => None,
     };
     let Some(allowed) = path_method else {
@@ -47,9 +47,15 @@ where
             // bound how many run at once. The permit is released when the handshake is
             // answered. (`POST /publish` takes its permit only once its body is in.)
             let Ok(_permit) = state.handshakes.try_acquire() else {
-                return refuse_capacity(&state, &connection);
+                let event_stream = crate::http::error::accepts_event_stream(req.headers());
+                let mut refused = refuse_capacity(&state, &connection, event_stream);
+                cors::apply(cors_config, grant, &mut refused);
+                return refused;
             };
             crate::http::events::events(&state, req, connection).await
+        }
+        _ if req.uri().path() == "/disconnect" => {
+            crate::http::disconnect::disconnect(&state, req).await
         }
         _ => crate::http::publish::publish(&state, req).await,
     };
@@ -59,7 +65,11 @@ where
 
 /// 503 `capacity` for a handshake past `SSE_GATEWAY_MAX_PENDING_HANDSHAKES`, counted and
 /// listed like every other refusal.
-fn refuse_capacity(state: &AppState, connection: &ConnInfo) -> Response<GatewayBody> {
+fn refuse_capacity(
+    state: &AppState,
+    connection: &ConnInfo,
+    event_stream: bool,
+) -> Response<GatewayBody> {
     let e = ApiError::Capacity;
     metrics::counter!(crate::metrics::CONNECTIONS_REJECTED, "reason" => e.code()).increment(1);
     state.rejections.record(
@@ -73,7 +83,7 @@ fn refuse_capacity(state: &AppState, connection: &ConnInfo) -> Response<GatewayB
             message: e.message(),
         },
     );
-    e.into_response()
+    e.into_response_for(event_stream)
 }
 
 /// Routes a request on the admin port.

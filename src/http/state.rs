@@ -10,6 +10,7 @@ use crate::backends::limits::Limiter;
 use crate::config::Config;
 use crate::core::hub::Hub;
 use crate::http::diagnostics::Rejections;
+use crate::http::request::TokenSources;
 
 /// The replica's shared state.
 pub struct AppState {
@@ -90,5 +91,22 @@ impl AppState {
     /// A fresh stream id.
     pub fn next_stream_id(&self) -> u64 {
         self.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Where `GET /events` looks for its token: header, the auth cookie, the query.
+    pub fn stream_token_sources(&self) -> TokenSources<'_> {
+        TokenSources {
+            cookie: self.config.auth_cookie.as_deref(),
+            query: self.config.query_token,
+        }
+    }
+
+    /// Where `POST /publish` and `POST /disconnect` look: never a cookie, which a browser
+    /// would attach to a forged cross-site request.
+    pub fn publisher_token_sources(&self) -> TokenSources<'_> {
+        TokenSources {
+            cookie: None,
+            query: self.config.query_token,
+        }
     }
 }

@@ -225,9 +225,24 @@ pub struct SseClient {
 }
 
 impl SseClient {
-    /// Opens `path` with `Accept: text/event-stream` and a bearer token; a non-200 answer
-    /// comes back as `Err(Reply)`.
+    /// Opens `path` with a bearer token as a plain HTTP client does (`curl -N`, a mobile SDK):
+    /// a refusal keeps its status and comes back as `Err(Reply)`.
     pub async fn open(
+        addr: SocketAddr,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<SseClient, Reply> {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![];
+        if let Some(a) = &auth {
+            headers.push(("Authorization", a.as_str()));
+        }
+        Self::open_with(addr, path, &headers).await
+    }
+
+    /// Opens `path` as a browser's `EventSource` does (`Accept: text/event-stream`): a passing
+    /// refusal arrives in-band, as a `200` stream with `gateway.refused`.
+    pub async fn open_event_source(
         addr: SocketAddr,
         path: &str,
         token: Option<&str>,
@@ -235,7 +250,7 @@ impl SseClient {
         let auth = token.map(|t| format!("Bearer {t}"));
         let mut headers = vec![("Accept", "text/event-stream")];
         if let Some(a) = &auth {
-            headers.push(("Authorization", a));
+            headers.push(("Authorization", a.as_str()));
         }
         Self::open_with(addr, path, &headers).await
     }

@@ -42,6 +42,11 @@ impl Broker for MemoryBroker {
         future::ready(Ok(())).boxed()
     }
 
+    fn disconnect(&self, sub: String) -> BoxFuture<'static, Result<(), BrokerError>> {
+        self.sink.disconnect(&sub);
+        future::ready(Ok(())).boxed()
+    }
+
     fn is_ready(&self) -> bool {
         true
     }

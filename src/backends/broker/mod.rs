@@ -58,6 +58,9 @@ pub trait Broker: Send + Sync + 'static {
         channel: String,
         payload: Bytes,
     ) -> BoxFuture<'static, Result<(), BrokerError>>;
+    /// Takes user `sub` off every replica (this one included): their streams end with
+    /// `gateway.disconnected`.
+    fn disconnect(&self, sub: String) -> BoxFuture<'static, Result<(), BrokerError>>;
     /// Whether the broker is connected and fully subscribed.
     fn is_ready(&self) -> bool;
 }

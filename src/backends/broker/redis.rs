@@ -178,9 +178,25 @@ impl Broker for RedisBroker {
         async move { sent.await.map(|_| ()).map_err(BrokerError::from) }.boxed()
     }
 
+    fn disconnect(&self, sub: String) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let sent = publish_raw(
+            self.pool.clone(),
+            self.publish_command,
+            disconnect_channel(&self.prefix),
+            Bytes::from(sub),
+        );
+        async move { sent.await.map(|_| ()).map_err(BrokerError::from) }.boxed()
+    }
+
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
+}
+
+/// The channel every replica listens to for users to take off (`POST /disconnect`); its hash
+/// tag puts it beside the replica registry on a cluster.
+pub fn disconnect_channel(prefix: &str) -> String {
+    format!("{prefix}{{gateway}}:disconnect")
 }
 
 impl Manager {
@@ -279,6 +295,7 @@ impl Manager {
             let incoming = Incoming {
                 sink: self.sink.clone(),
                 prefix: self.prefix.clone(),
+                disconnect: disconnect_channel(&self.prefix),
                 probe_seen: probe_seen.clone(),
                 probe_nonce: nonce.clone(),
                 probe_sent: probe_sent_shared.clone(),
@@ -330,7 +347,9 @@ impl Manager {
 
         // Resubscribe everything the hub holds, in batches, before reporting ready.
         let mut subscribed: HashSet<String> = HashSet::new();
-        sink.subscribe(probes.clone()).await?;
+        let mut control = probes.clone();
+        control.push(disconnect_channel(&self.prefix));
+        sink.subscribe(control).await?;
         let wanted = self.sink.channels();
         for batch in wanted.chunks(BATCH) {
             let names = batch.iter().map(|c| self.name(c)).collect();
@@ -740,6 +759,8 @@ impl Sink {
 struct Incoming {
     sink: Arc<dyn EventSink>,
     prefix: String,
+    /// Users to take off arrive here (their `sub` as the payload).
+    disconnect: String,
     /// Probe channels and the highest probe seen back on each.
     probe_seen: Arc<HashMap<String, AtomicU64>>,
     /// This session's probe nonce, and the highest probe sent so far.
@@ -765,6 +786,11 @@ impl Incoming {
             // Never past what was sent: a replayed or invented number cannot end the probe.
             if let Some(seq) = seq.filter(|s| *s <= self.probe_sent.load(Ordering::Acquire)) {
                 seen.fetch_max(seq, Ordering::AcqRel);
+            }
+        } else if name == self.disconnect {
+            if let Ok(sub) = std::str::from_utf8(payload) {
+                let streams = self.sink.disconnect(sub);
+                tracing::info!(streams, "a user was taken off (POST /disconnect)");
             }
         } else if let Some(channel) = name.strip_prefix(self.prefix.as_str()) {
             match decode_durable(self.key.as_ref(), channel, payload) {

@@ -36,12 +36,31 @@ pub enum LimitError {
     },
     /// The store of slots (Redis) cannot be reached, so the limit cannot be enforced.
     Unavailable(String),
+    /// The user's tokens issued before a revocation (`POST /disconnect` with `revoke_before`)
+    /// are refused, and this one is such a token.
+    Revoked,
 }
+
+/// How long a revocation is kept: tokens issued before it are refused for this long after it
+/// was made, which covers any token lifetime up to it.
+pub const REVOCATION_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
 
 /// Where per-user slots are kept.
 pub trait Limiter: Send + Sync + 'static {
-    /// Takes one of `sub`'s slots for stream `stream`.
-    fn acquire(&self, sub: &str, stream: u64) -> BoxFuture<'static, Result<(), LimitError>>;
+    /// Takes one of `sub`'s slots for stream `stream`, opened with a token issued at
+    /// `issued_at` (unix seconds; 0 for a token without `iat`), in the same step as the check
+    /// against `sub`'s revocation.
+    fn acquire(
+        &self,
+        sub: &str,
+        stream: u64,
+        issued_at: u64,
+    ) -> BoxFuture<'static, Result<(), LimitError>>;
+    /// Refuses, on every replica and for [`REVOCATION_TTL`], `sub`'s tokens issued before
+    /// `before` (unix seconds); a later revocation with an earlier time never undoes it.
+    fn revoke(&self, sub: &str, before: u64) -> BoxFuture<'static, Result<(), LimitError>>;
+    /// How many streams `sub` holds on every replica, as the store knows it.
+    fn streams_of(&self, sub: &str) -> BoxFuture<'static, Result<usize, LimitError>>;
     /// Gives the slot back.
     fn release(&self, sub: &str, stream: u64);
     /// Whether admissions can be decided now (a replica that cannot is not ready).
@@ -63,13 +82,14 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// Acquires a slot, or says why not.
+    /// Acquires a slot for a token issued at `issued_at`, or says why not.
     pub async fn acquire(
         limiter: Arc<dyn Limiter>,
         sub: &str,
         stream: u64,
+        issued_at: u64,
     ) -> Result<Slot, LimitError> {
-        limiter.acquire(sub, stream).await?;
+        limiter.acquire(sub, stream, issued_at).await?;
         Ok(Slot {
             limiter,
             sub: sub.to_string(),

@@ -34,7 +34,7 @@ use redis::{Script, Value};
 use tokio::sync::oneshot;
 use tokio::time::{timeout, Instant};
 
-use super::{LimitError, Limiter};
+use super::{LimitError, Limiter, REVOCATION_TTL};
 use crate::backends::redis::{deadline, Commands as Pool, Failure};
 use crate::core::backoff::Backoff;
 use crate::core::hub::{CloseReason, Hub};
@@ -75,6 +75,7 @@ struct Inner {
     reclaim: Script,
     registry: Script,
     read_leases: Script,
+    revoke: Script,
 }
 
 /// One user's reclaim: (sub, how many of its streams were sent, members to close).
@@ -95,6 +96,11 @@ const RECLAIM_CHUNK: usize = 512;
 /// A user's slot set (the one place that names it; `inspect` reads it too).
 pub fn slots_key(prefix: &str, sub: &str) -> String {
     format!("{prefix}{{u:{sub}}}:slots")
+}
+
+/// A user's revocation (`POST /disconnect` with `revoke_before`), beside their slot set.
+pub fn revoked_key(prefix: &str, sub: &str) -> String {
+    format!("{prefix}{{u:{sub}}}:revoked")
 }
 
 /// The replica registry: replica id -> lease expiry.
@@ -141,6 +147,7 @@ impl RedisLimiter {
             reclaim: Script::new(include_str!("reclaim.lua")),
             registry: Script::new(include_str!("registry.lua")),
             read_leases: Script::new(include_str!("leases.lua")),
+            revoke: Script::new(include_str!("revoke.lua")),
         });
         tokio::spawn(upkeep(Arc::downgrade(&inner)));
         tokio::spawn(fence(Arc::downgrade(&inner)));
@@ -211,7 +218,7 @@ impl Inner {
         Ok(leases)
     }
 
-    async fn admit(&self, sub: &str, stream: u64) -> Result<(), LimitError> {
+    async fn admit(&self, sub: &str, stream: u64, issued_at: u64) -> Result<(), LimitError> {
         if !self.lease_valid() {
             return Err(LimitError::Unavailable(
                 "this replica's lease in Redis is not current, so per-user limits cannot be checked"
@@ -224,11 +231,13 @@ impl Inner {
             for _ in 0..3 {
                 let mut invocation = self.admit.key(self.slots_key(sub));
                 invocation
+                    .key(revoked_key(&self.prefix, sub))
                     .arg(self.limit)
                     .arg(self.member(stream))
                     .arg(if fresh { "1" } else { "0" })
                     .arg(leases.read_at)
-                    .arg(self.fresh_for_ms());
+                    .arg(self.fresh_for_ms())
+                    .arg(issued_at);
                 for (id, expiry) in &leases.expiries {
                     invocation.arg(id).arg(*expiry);
                 }
@@ -251,6 +260,7 @@ impl Inner {
         };
         match deadline("the slot admission", work).await {
             Ok(0) => Err(LimitError::UserLimit { limit: self.limit }),
+            Ok(-3) => Err(LimitError::Revoked),
             Ok(-2) => {
                 // Our lease ran out by Redis's clock (a pause, a partition): stop admitting
                 // until the upkeep has renewed it and re-asserted our slots.
@@ -602,14 +612,19 @@ async fn upkeep(weak: std::sync::Weak<Inner>) {
 }
 
 impl Limiter for RedisLimiter {
-    fn acquire(&self, sub: &str, stream: u64) -> BoxFuture<'static, Result<(), LimitError>> {
+    fn acquire(
+        &self,
+        sub: &str,
+        stream: u64,
+        issued_at: u64,
+    ) -> BoxFuture<'static, Result<(), LimitError>> {
         let inner = self.inner.clone();
         let sub = sub.to_string();
         // The admission runs in its own task: if the client goes away mid-admission, a slot
         // that Redis granted is still recorded and then released, never leaked.
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
-            let result = inner.admit(&sub, stream).await;
+            let result = inner.admit(&sub, stream, issued_at).await;
             if result.is_ok() {
                 lock(&inner.held)
                     .entry(sub.clone())
@@ -626,6 +641,48 @@ impl Limiter for RedisLimiter {
         async move {
             rx.await
                 .unwrap_or_else(|_| Err(LimitError::Unavailable("the limiter stopped".into())))
+        }
+        .boxed()
+    }
+
+    fn revoke(&self, sub: &str, before: u64) -> BoxFuture<'static, Result<(), LimitError>> {
+        let inner = self.inner.clone();
+        let key = revoked_key(&inner.prefix, sub);
+        async move {
+            let mut invocation = inner.revoke.key(key);
+            invocation
+                .arg(before)
+                .arg(REVOCATION_TTL.as_millis() as u64);
+            let work = async {
+                let mut conn = inner.pool.get().await?;
+                invocation
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+                    .map_err(Failure::command("recording a revocation"))
+            };
+            deadline("recording a revocation", work)
+                .await
+                .map(|_| ())
+                .map_err(|e| LimitError::Unavailable(e.to_string()))
+        }
+        .boxed()
+    }
+
+    fn streams_of(&self, sub: &str) -> BoxFuture<'static, Result<usize, LimitError>> {
+        let inner = self.inner.clone();
+        let key = slots_key(&inner.prefix, sub);
+        async move {
+            let work = async {
+                let mut conn = inner.pool.get().await?;
+                redis::cmd("ZCARD")
+                    .arg(&key)
+                    .query_async::<usize>(&mut conn)
+                    .await
+                    .map_err(Failure::command("counting a user's streams"))
+            };
+            deadline("counting a user's streams", work)
+                .await
+                .map_err(|e| LimitError::Unavailable(e.to_string()))
         }
         .boxed()
     }

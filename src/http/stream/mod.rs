@@ -209,12 +209,13 @@ impl SseStream {
         self.guard.sub.set_close_reason(reason);
     }
 
-    /// `retry:` and `gateway.shutdown`: the last bytes of a stream the gateway closes on purpose.
-    fn goodbye(&self, reason: &str) -> Bytes {
+    /// `retry:` and a control event (`gateway.shutdown`, `gateway.disconnected`): the last
+    /// bytes of a stream the gateway closes on purpose.
+    fn goodbye(&self, event: &'static str, reason: &str) -> Bytes {
         let mut goodbye = BytesMut::new();
         goodbye.extend_from_slice(format!("retry: {}\n", self.retry_ms).as_bytes());
         goodbye.extend_from_slice(&frame::control(
-            "gateway.shutdown",
+            event,
             &format!("{{\"reason\":\"{reason}\",\"retry_ms\":{}}}", self.retry_ms),
         ));
         goodbye.freeze()
@@ -324,8 +325,8 @@ impl Body for SseStream {
         }
         this.guard.sub.register_waker(cx.waker());
         if this.guard.sub.shutdown_requested() {
-            let (why, reason) = this.guard.sub.shutdown_reason();
-            let goodbye = this.goodbye(why);
+            let (event, why, reason) = this.guard.sub.shutdown_reason();
+            let goodbye = this.goodbye(event, why);
             return this.finish(reason, goodbye);
         }
         // Deadlines before data: a backlog never pushes back expiry, maximum age or a
@@ -381,7 +382,7 @@ impl SseStream {
                 return Some(self.finish(CloseReason::TokenExpired, last));
             }
             if life.max_age_at.is_some_and(|t| now >= t) {
-                let goodbye = self.goodbye("max_age");
+                let goodbye = self.goodbye("gateway.shutdown", "max_age");
                 return Some(self.finish(CloseReason::MaxAge, goodbye));
             }
             if life.warn_at.is_some_and(|t| now >= t) {
