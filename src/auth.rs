@@ -5,12 +5,14 @@
 //! token naming any other algorithm, `none` included, is refused. `exp` is required, `sub` for
 //! subscribers; `iss`/`aud` are checked when configured. Errors never contain the token.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, JwtKey};
+use crate::jwks::Jwks;
 
 /// The claims the gateway reads.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -37,9 +39,17 @@ pub struct Claims {
     pub aud: Option<serde_json::Value>,
 }
 
+/// Where verification keys come from.
+enum Keys {
+    /// One configured key (secret or PEM) and its algorithm.
+    Fixed(DecodingKey),
+    /// A JWKS document: the key (and algorithm) by the token's `kid`.
+    Jwks(Arc<Jwks>),
+}
+
 /// Verifies tokens with the configured key and rules.
 pub struct Verifier {
-    key: DecodingKey,
+    keys: Keys,
     subscriber: Validation,
     publisher: Validation,
 }
@@ -47,11 +57,16 @@ pub struct Verifier {
 impl Verifier {
     /// Builds the verifier from validated configuration.
     pub fn new(config: &Config) -> Result<Self, String> {
-        let (key, alg) = match &config.jwt_key {
+        let (keys, alg) = match &config.jwt_key {
             JwtKey::Secret(s) | JwtKey::Development(s) => {
-                (DecodingKey::from_secret(s), Algorithm::HS256)
+                (Keys::Fixed(DecodingKey::from_secret(s)), Algorithm::HS256)
             }
-            JwtKey::PublicKeyPem(pem) => crate::config::decoding_key_for_pem(pem)?,
+            JwtKey::PublicKeyPem(pem) => {
+                let (key, alg) = crate::config::decoding_key_for_pem(pem)?;
+                (Keys::Fixed(key), alg)
+            }
+            // The algorithm is each key's own; RS256 is only the starting point.
+            JwtKey::Jwks(url) => (Keys::Jwks(Jwks::start(url)?), Algorithm::RS256),
         };
         let base = |required: &[&str]| {
             let mut v = Validation::new(alg);
@@ -78,15 +93,23 @@ impl Verifier {
             v
         };
         Ok(Self {
-            key,
+            keys,
             subscriber: base(&["exp", "sub"]),
             publisher: base(&["exp"]),
         })
     }
 
+    /// Whether tokens can be verified now (a JWKS not fetched yet cannot).
+    pub fn is_ready(&self) -> bool {
+        match &self.keys {
+            Keys::Fixed(_) => true,
+            Keys::Jwks(jwks) => jwks.is_ready(),
+        }
+    }
+
     /// Verifies a subscriber's token.
-    pub fn subscriber(&self, token: &str) -> Result<Claims, String> {
-        let claims = self.verify(token, &self.subscriber)?;
+    pub async fn subscriber(&self, token: &str) -> Result<Claims, String> {
+        let claims = self.verify(token, &self.subscriber).await?;
         match claims.sub.as_deref() {
             Some(s) if !s.is_empty() => Ok(claims),
             _ => Err("token has an empty sub claim".into()),
@@ -94,13 +117,25 @@ impl Verifier {
     }
 
     /// Verifies a publisher's token.
-    pub fn publisher(&self, token: &str) -> Result<Claims, String> {
-        self.verify(token, &self.publisher)
+    pub async fn publisher(&self, token: &str) -> Result<Claims, String> {
+        self.verify(token, &self.publisher).await
     }
 
-    fn verify(&self, token: &str, validation: &Validation) -> Result<Claims, String> {
+    async fn verify(&self, token: &str, validation: &Validation) -> Result<Claims, String> {
         use jsonwebtoken::errors::ErrorKind;
-        decode::<Claims>(token, &self.key, validation)
+        let found;
+        let (key, validation) = match &self.keys {
+            Keys::Fixed(key) => (key, std::borrow::Cow::Borrowed(validation)),
+            Keys::Jwks(jwks) => {
+                let header = jsonwebtoken::decode_header(token)
+                    .map_err(|_| "token is malformed".to_string())?;
+                found = jwks.key(header.kid.as_deref()).await?;
+                let mut v = validation.clone();
+                v.algorithms = vec![found.algorithm];
+                (&found.key, std::borrow::Cow::Owned(v))
+            }
+        };
+        decode::<Claims>(token, key, &validation)
             .map(|d| d.claims)
             .map_err(|e| {
                 match e.kind() {
@@ -169,6 +204,10 @@ pub fn mint(
         }
         (JwtKey::PublicKeyPem(_), None) => return Err(
             "the gateway verifies with a public key; pass the matching --private-key-file to sign"
+                .into(),
+        ),
+        (JwtKey::Jwks(_), _) => return Err(
+            "the gateway verifies with keys from SSE_GATEWAY_JWT_JWKS_URL; tokens are minted by their issuer"
                 .into(),
         ),
     };

@@ -101,6 +101,9 @@ pub struct Settings {
     /// PEM public key file (RS256, ES256 or EdDSA, chosen by the key type).
     #[arg(long, env = "SSE_GATEWAY_JWT_PUBLIC_KEY_FILE")]
     pub jwt_public_key_file: Option<PathBuf>,
+    /// URL of a JWKS document (`https://`, or `http://` on a trusted network): keys by `kid`.
+    #[arg(long, env = "SSE_GATEWAY_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
     /// Required `iss` claim, checked when set.
     #[arg(long, env = "SSE_GATEWAY_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -220,6 +223,8 @@ pub enum JwtKey {
     Secret(Vec<u8>),
     /// PEM public key; the algorithm follows from its type.
     PublicKeyPem(Vec<u8>),
+    /// A JWKS document's URL: keys chosen by the token's `kid`, fetched and refreshed.
+    Jwks(String),
     /// No key configured and no Redis: development mode with a random secret.
     Development(Vec<u8>),
 }
@@ -230,6 +235,7 @@ impl std::fmt::Debug for JwtKey {
         match self {
             JwtKey::Secret(_) => f.write_str("JwtKey::Secret(..)"),
             JwtKey::PublicKeyPem(_) => f.write_str("JwtKey::PublicKeyPem(..)"),
+            JwtKey::Jwks(url) => write!(f, "JwtKey::Jwks({url})"),
             JwtKey::Development(_) => f.write_str("JwtKey::Development(..)"),
         }
     }
@@ -422,7 +428,27 @@ impl Settings {
                 "must be 1 or more printable ASCII characters without spaces or braces (default sse:)",
             ));
         }
+        let jwks = self.jwt_jwks_url.filter(|u| !u.is_empty());
+        if jwks.is_some() && (self.jwt_secret.is_some() || self.jwt_public_key_file.is_some()) {
+            return Err(bad(
+                "SSE_GATEWAY_JWT_JWKS_URL",
+                "is set together with SSE_GATEWAY_JWT_SECRET or SSE_GATEWAY_JWT_PUBLIC_KEY_FILE; keep one key source",
+            ));
+        }
         let jwt_key = match (self.jwt_secret, self.jwt_public_key_file) {
+            _ if jwks.is_some() => {
+                let url = jwks.unwrap_or_default();
+                let ok = url.parse::<http::Uri>().ok().filter(|u| {
+                    matches!(u.scheme_str(), Some("https" | "http")) && u.host().is_some()
+                });
+                if ok.is_none() {
+                    return Err(bad(
+                        "SSE_GATEWAY_JWT_JWKS_URL",
+                        "must be an https:// (or http://) URL, e.g. https://auth.example.com/.well-known/jwks.json",
+                    ));
+                }
+                JwtKey::Jwks(url)
+            }
             (Some(_), Some(_)) => return Err(bad(
                 "SSE_GATEWAY_JWT_SECRET",
                 "both SSE_GATEWAY_JWT_SECRET and SSE_GATEWAY_JWT_PUBLIC_KEY_FILE are set; keep one",

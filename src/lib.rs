@@ -40,6 +40,7 @@ mod backends;
 mod core;
 mod devmode;
 mod http;
+mod jwks;
 mod metrics;
 mod tls;
 

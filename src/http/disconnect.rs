@@ -62,6 +62,7 @@ where
     let claims = state
         .verifier
         .publisher(&token)
+        .await
         .map_err(ApiError::Unauthorized)?;
     let body = read_body(
         req,

@@ -92,6 +92,7 @@ async fn open<B>(
     let claims = state
         .verifier
         .subscriber(&token)
+        .await
         .map_err(ApiError::Unauthorized)?;
     let sub = claims.sub.clone().unwrap_or_default();
     *known_sub = Some(sub.clone());

@@ -70,6 +70,7 @@ where
     let claims = state
         .verifier
         .publisher(&token)
+        .await
         .map_err(ApiError::Unauthorized)?;
     let grants = claims.publish.unwrap_or_default();
     if grants.is_empty() {

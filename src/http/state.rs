@@ -85,7 +85,10 @@ impl AppState {
 
     /// Whether the load balancer should send new clients here.
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.broker.is_ready() && self.limiter.is_ready()
+        !self.is_draining()
+            && self.broker.is_ready()
+            && self.limiter.is_ready()
+            && self.verifier.is_ready()
     }
 
     /// A fresh stream id.
