@@ -68,6 +68,8 @@ start() {
   export SSE_GATEWAY_JWT_SECRET
   SSE_GATEWAY_JWT_SECRET=$(cat "$secret_file")
   export SSE_GATEWAY_REDIS_URL="redis://127.0.0.1:$redis_port"
+  # The demo page keeps its token in this cookie, never in a URL.
+  export SSE_GATEWAY_AUTH_COOKIE=sse_token
 
   for i in 1 2 3; do
     SSE_GATEWAY_LISTEN="127.0.0.1:$((port + i))" \
