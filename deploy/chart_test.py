@@ -107,6 +107,16 @@ def a_public_key_is_mounted_as_a_file_instead_of_a_secret():
 @test
 def two_key_sources_refuse_to_render():
     refuses(render("jwt.secret=s", "jwt.publicKeySecret=k"), "choose one of")
+    refuses(render("jwt.jwksUrl=https://idp/jwks.json", "jwt.secret=s"), "choose one of")
+
+
+@test
+def a_jwks_url_replaces_the_generated_key():
+    r = render("jwt.jwksUrl=https://idp.example.com/.well-known/jwks.json")
+    e = env(r)
+    assert e["SSE_GATEWAY_JWT_JWKS_URL"]["value"] == "https://idp.example.com/.well-known/jwks.json"
+    assert "SSE_GATEWAY_JWT_SECRET" not in e
+    assert "jwt-secret" not in one(r, "Secret")["stringData"]
 
 
 @test
