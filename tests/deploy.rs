@@ -181,6 +181,22 @@ fn fcall(redis_port: u16, payload: &str) {
         .unwrap();
 }
 
+/// The replica (1–3) of the local setup on `base` that holds the browser's stream.
+async fn holding_replica(base: u16) -> u16 {
+    for i in 1..=3u16 {
+        let admin: SocketAddr = format!("127.0.0.1:{}", base + 1000 + i).parse().unwrap();
+        // A killed replica's port refuses: it holds nothing.
+        if let Ok(listed) =
+            support::http::try_http(admin, "GET", "/connections?user=browser", &[], b"").await
+        {
+            if listed.status == 200 && listed.json()["total"] == 1 {
+                return i;
+            }
+        }
+    }
+    panic!("no replica holds the browser's stream");
+}
+
 #[tokio::test]
 async fn a_browser_through_nginx_resumes_by_itself_when_its_replica_dies() {
     let (local, base, redis_port) = Local::new();
@@ -241,18 +257,7 @@ async fn a_browser_through_nginx_resumes_by_itself_when_its_replica_dies() {
     wait_for("events=e0,e1,e2,e3,e4&").await;
 
     // Kill the replica that holds the browser's stream.
-    let mut victim = None;
-    for i in 1..=3u16 {
-        let admin: SocketAddr = format!("127.0.0.1:{}", base + 1000 + i).parse().unwrap();
-        if http(admin, "GET", "/connections?user=browser", &[], b"")
-            .await
-            .json()["total"]
-            == 1
-        {
-            victim = Some(i);
-        }
-    }
-    let victim = victim.expect("no replica holds the browser's stream");
+    let victim = holding_replica(base).await;
     let pid = std::fs::read_to_string(dir.join(format!("replica{victim}.pid"))).unwrap();
     Command::new("kill")
         .args(["-9", pid.trim()])
@@ -271,6 +276,64 @@ async fn a_browser_through_nginx_resumes_by_itself_when_its_replica_dies() {
         "a duplicate arrived: {}",
         latest(&reports)
     );
+
+    // Now Redis dies together with the replica holding the stream. The browser comes back
+    // through nginx to a replica that cannot reach Redis yet, is told in-band to retry (an
+    // EventSource would give up for good on a 503), and once Redis is back it gets every
+    // durable event published after that, with no code of its own.
+    let holder = holding_replica(base).await;
+    let redis_pid = std::fs::read_to_string(dir.join("redis.pid")).unwrap();
+    let pid = std::fs::read_to_string(dir.join(format!("replica{holder}.pid"))).unwrap();
+    Command::new("kill")
+        .args(["-9", redis_pid.trim(), pid.trim()])
+        .status()
+        .unwrap();
+    let refused = wait_for("&refused=1&").await;
+    assert!(
+        refused.starts_with("events=e0,e1,e2,e3,e4,e5,e6,e7,e8,e9&"),
+        "{refused}"
+    );
+    let redis = Command::new("redis-server")
+        .args([
+            "--port",
+            &redis_port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    std::fs::write(dir.join("redis.pid"), redis.id().to_string()).unwrap();
+    for i in (1..=3u16).filter(|i| *i != holder && *i != victim) {
+        let admin: SocketAddr = format!("127.0.0.1:{}", base + 1000 + i).parse().unwrap();
+        let deadline = std::time::Instant::now() + T;
+        while http(admin, "GET", "/readyz", &[], b"").await.status != 200 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replica {i} never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Streams come back within the retry hint; events published from now on are not lost.
+    wait_for("&opened=3&").await;
+    for i in 10..15 {
+        fcall(redis_port, &format!("e{i}"));
+    }
+    let back = wait_for("e10,e11,e12,e13,e14&").await;
+    let events = back
+        .split('&')
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("events=");
+    let mut list: Vec<&str> = events.split(',').filter(|e| *e != "GAP").collect();
+    let all = list.len();
+    list.dedup();
+    assert_eq!(list.len(), all, "a duplicate arrived: {back}");
     let _ = browser.kill();
     let _ = browser.wait();
 
