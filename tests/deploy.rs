@@ -293,7 +293,7 @@ async fn a_browser_through_nginx_resumes_by_itself_when_its_replica_dies() {
         refused.starts_with("events=e0,e1,e2,e3,e4,e5,e6,e7,e8,e9&"),
         "{refused}"
     );
-    let redis = Command::new("redis-server")
+    let mut redis = Command::new("redis-server")
         .args([
             "--port",
             &redis_port.to_string(),
@@ -364,4 +364,6 @@ async fn a_browser_through_nginx_resumes_by_itself_when_its_replica_dies() {
     let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
     assert!(size > 1000, "no screenshot at {}", shot.display());
     println!("screenshot: {}", shot.display());
+    let _ = redis.kill();
+    let _ = redis.wait();
 }
