@@ -17,7 +17,7 @@ use crate::backends::limits::REVOCATION_TTL;
 use crate::core::channel;
 use crate::http::body::GatewayBody;
 use crate::http::error::ApiError;
-use crate::http::request::{query_pairs, read_body, request_token};
+use crate::http::request::{query_pairs, read_body};
 use crate::http::state::AppState;
 
 /// Largest body accepted: a `sub` and a number.
@@ -38,12 +38,8 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let result = take_off(state, req).await;
-    let label = match &result {
-        Ok(_) => "accepted",
-        Err(e) if e.is_passing() => "error",
-        Err(_) => "rejected",
-    };
-    metrics::counter!(crate::metrics::DISCONNECTS, "result" => label).increment(1);
+    metrics::counter!(crate::metrics::DISCONNECTS, "result" => ApiError::outcome(&result))
+        .increment(1);
     result.unwrap_or_else(ApiError::into_response)
 }
 
@@ -56,14 +52,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let query = query_pairs(req.uri());
-    let token = request_token(req.headers(), &query, state.publisher_token_sources())?.ok_or_else(
-        || ApiError::Unauthorized("no token: send Authorization: Bearer <JWT>".into()),
-    )?;
-    let claims = state
-        .verifier
-        .publisher(&token)
-        .await
-        .map_err(ApiError::Unauthorized)?;
+    let claims = state.publisher(req.headers(), &query).await?;
     let body = read_body(
         req,
         MAX_BODY_BYTES,

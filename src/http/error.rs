@@ -132,6 +132,16 @@ impl ApiError {
         )
     }
 
+    /// The `result` label of a handled request: `accepted`, `error` (the gateway could not do
+    /// it: Redis) or `rejected` (the request was refused).
+    pub fn outcome<T>(result: &Result<T, ApiError>) -> &'static str {
+        match result {
+            Ok(_) => "accepted",
+            Err(ApiError::Unavailable(_)) => "error",
+            Err(_) => "rejected",
+        }
+    }
+
     /// The answer for a request that does (`event_stream`) or does not accept
     /// `text/event-stream`.
     pub fn into_response_for(self, event_stream: bool) -> Response<GatewayBody> {

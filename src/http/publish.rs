@@ -17,7 +17,7 @@ use crate::core::event::validate_event_name;
 use crate::core::position::{Cursor, Mark};
 use crate::http::body::GatewayBody;
 use crate::http::error::ApiError;
-use crate::http::request::{query_pairs, read_body, request_token};
+use crate::http::request::{query_pairs, read_body};
 use crate::http::state::AppState;
 use crate::metrics as m;
 
@@ -45,12 +45,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let result = accept(state, req).await;
-    let label = match &result {
-        Ok(_) => "accepted",
-        Err(ApiError::Unavailable(_)) => "error",
-        Err(_) => "rejected",
-    };
-    metrics::counter!(m::PUBLISH, "result" => label).increment(1);
+    metrics::counter!(m::PUBLISH, "result" => ApiError::outcome(&result)).increment(1);
     result.unwrap_or_else(ApiError::into_response)
 }
 
@@ -64,14 +59,7 @@ where
 {
     let max = state.config.max_event_bytes;
     let query = query_pairs(req.uri());
-    let token = request_token(req.headers(), &query, state.publisher_token_sources())?.ok_or_else(
-        || ApiError::Unauthorized("no token: send Authorization: Bearer <JWT>".into()),
-    )?;
-    let claims = state
-        .verifier
-        .publisher(&token)
-        .await
-        .map_err(ApiError::Unauthorized)?;
+    let claims = state.publisher(req.headers(), &query).await?;
     let grants = claims.publish.unwrap_or_default();
     if grants.is_empty() {
         return Err(ApiError::Forbidden(

@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::auth::Claims;
 use crate::auth::Verifier;
 use crate::backends::broker::Broker;
 use crate::backends::history::History;
@@ -10,7 +11,8 @@ use crate::backends::limits::Limiter;
 use crate::config::Config;
 use crate::core::hub::Hub;
 use crate::http::diagnostics::Rejections;
-use crate::http::request::TokenSources;
+use crate::http::error::ApiError;
+use crate::http::request::{request_token, TokenSources};
 
 /// The replica's shared state.
 pub struct AppState {
@@ -94,6 +96,23 @@ impl AppState {
     /// A fresh stream id.
     pub fn next_stream_id(&self) -> u64 {
         self.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The verified claims of a publishing request (`POST /publish`, `POST /disconnect`): the
+    /// token from the header or the query (never a cookie), checked as a publisher's.
+    pub async fn publisher(
+        &self,
+        headers: &http::HeaderMap,
+        query: &[(String, String)],
+    ) -> Result<Claims, ApiError> {
+        let token =
+            request_token(headers, query, self.publisher_token_sources())?.ok_or_else(|| {
+                ApiError::Unauthorized("no token: send Authorization: Bearer <JWT>".into())
+            })?;
+        self.verifier
+            .publisher(&token)
+            .await
+            .map_err(ApiError::Unauthorized)
     }
 
     /// Where `GET /events` looks for its token: header, the auth cookie, the query.
