@@ -40,11 +40,28 @@ pub fn stdout_of(cmd: &mut Command) -> String {
 }
 
 /// A port nobody listens on right now.
+///
+/// Ports come from below the kernel's ephemeral range (where `bind(:0)` and outgoing
+/// connections take theirs), and none is handed out twice in one process: a Redis killed and
+/// restarted on its port cannot lose it to another test's server in between.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 20_000;
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    // Processes that run one after another start at different places of the range.
+    let next = NEXT.get_or_init(|| AtomicU32::new(std::process::id() % SPAN));
+    for _ in 0..SPAN {
+        let port = (LOW + next.fetch_add(1, Ordering::AcqRel) % SPAN) as u16;
+        // Bindable on loopback and on every address (Redis binds one, lab hosts the other).
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("0.0.0.0", port)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free port between {LOW} and {}", LOW + SPAN)
 }
 
 /// A `redis-server` owned by one test.
