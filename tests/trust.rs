@@ -6,6 +6,7 @@ mod support;
 
 use std::time::Duration;
 
+use serde_json::json;
 use support::*;
 
 const T: Duration = Duration::from_secs(10);
@@ -206,4 +207,37 @@ async fn a_library_replaced_under_a_running_replica_is_resynchronised_without_lo
             .expect("no loss");
         assert_eq!(e.data, format!("after-{i}"));
     }
+}
+
+#[tokio::test]
+async fn a_raw_publish_on_the_disconnect_channel_takes_nobody_off() {
+    let redis = Redis::start();
+    let gw = Gateway::start(&[("SSE_GATEWAY_REDIS_URL", &redis.url())]);
+    gw.wait_ready(true, T).await;
+    let mut c = gw.subscribe("mia", "kept").await;
+    // Anyone who can PUBLISH: the user's name, plain or dressed as a signed message.
+    let forged = format!("\0D2\0{}\0disconnect\x000-0\0mia", "0".repeat(40));
+    for payload in ["mia", forged.as_str()] {
+        redis.publish("sse:{gateway}:disconnect", payload.as_bytes());
+    }
+    gw.publish_data("kept", "still open").await;
+    c.expect_data("still open").await;
+    assert!(
+        gw.metric("sse_gateway_events_dropped_total{reason=\"forged\"}")
+            .await
+            >= 2.0
+    );
+    // The gateway's own disconnect, signed, does.
+    let ops = token(json!({"sub": "ops", "exp": now() + 60, "publish": ["user:mia"]}));
+    let r = http(
+        gw.client,
+        "POST",
+        "/disconnect",
+        &[("Authorization", &format!("Bearer {ops}"))],
+        br#"{"sub": "mia"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let ev = c.next_event(T).await.expect("gateway.disconnected");
+    assert_eq!(ev.event.as_deref(), Some("gateway.disconnected"));
 }

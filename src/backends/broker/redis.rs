@@ -29,7 +29,9 @@ use crate::backends::history::{History, PAGE, PAGE_BYTES};
 use crate::backends::redis::{deadline, Commands as Pool, Failure, Topology};
 use crate::core::backoff::Backoff;
 use crate::core::position::Incoming::{Durable, Forged, Plain};
-use crate::core::position::{decode_durable, DurableKey, Mark, Position, ANY_EPOCH};
+use crate::core::position::{
+    decode_durable, encode_durable, DurableKey, Mark, Position, ANY_EPOCH,
+};
 use crate::core::sink::EventSink;
 use crate::metrics as m;
 
@@ -54,11 +56,18 @@ pub struct RedisBroker {
     pool: Pool,
     prefix: String,
     publish_command: &'static str,
+    /// The key of the current session: it signs the users this replica takes off.
+    key: SessionKey,
 }
+
+/// The durable-event key of the broker's current session (none before the first, or when no
+/// history library is installed anywhere).
+type SessionKey = Arc<Mutex<Option<DurableKey>>>;
 
 struct Manager {
     topology: Topology,
     pool: Pool,
+    key: SessionKey,
     sink: Arc<dyn EventSink>,
     prefix: String,
     probe_channel: String,
@@ -119,7 +128,9 @@ impl RedisBroker {
         let (tx, rx) = mpsc::unbounded_channel();
         let ready = Arc::new(AtomicBool::new(false));
         let replica: u64 = rand::random();
+        let key: SessionKey = Arc::default();
         let manager = Manager {
+            key: key.clone(),
             topology,
             publish_command,
             pool: pool.clone(),
@@ -142,6 +153,7 @@ impl RedisBroker {
             pool,
             prefix: settings.prefix.clone(),
             publish_command,
+            key,
         })
     }
 }
@@ -179,12 +191,20 @@ impl Broker for RedisBroker {
     }
 
     fn disconnect(&self, sub: String) -> BoxFuture<'static, Result<(), BrokerError>> {
-        let sent = publish_raw(
-            self.pool.clone(),
-            self.publish_command,
-            disconnect_channel(&self.prefix),
-            Bytes::from(sub),
-        );
+        let channel = disconnect_channel(&self.prefix);
+        // Signed like a durable event, so a raw PUBLISH cannot take users off; unsigned only
+        // where no replica has a key to check it with (no history library anywhere).
+        let payload = match &*lock(&self.key) {
+            Some(key) => Bytes::from(encode_durable(
+                key,
+                &channel,
+                DISCONNECT_EPOCH,
+                Position::default(),
+                sub.as_bytes(),
+            )),
+            None => Bytes::from(sub),
+        };
+        let sent = publish_raw(self.pool.clone(), self.publish_command, channel, payload);
         async move { sent.await.map(|_| ()).map_err(BrokerError::from) }.boxed()
     }
 
@@ -192,6 +212,9 @@ impl Broker for RedisBroker {
         self.ready.load(Ordering::Acquire)
     }
 }
+
+/// What a signed disconnect carries where a durable event carries its epoch.
+const DISCONNECT_EPOCH: &str = "disconnect";
 
 /// The channel every replica listens to for users to take off (`POST /disconnect`); its hash
 /// tag puts it beside the replica registry on a cluster.
@@ -266,6 +289,7 @@ impl Manager {
         } else {
             self.library.installed().await?.map(|(_, key)| key)
         };
+        lock(&self.key).clone_from(&key);
         // Probes carry a nonce of this session, so that nothing published by others can
         // answer (or switch off) the probe.
         let nonce = format!("{:016x}", rand::random::<u64>());
@@ -788,9 +812,20 @@ impl Incoming {
                 seen.fetch_max(seq, Ordering::AcqRel);
             }
         } else if name == self.disconnect {
-            if let Ok(sub) = std::str::from_utf8(payload) {
-                let streams = self.sink.disconnect(sub);
-                tracing::info!(streams, "a user was taken off (POST /disconnect)");
+            let sub = match decode_durable(self.key.as_ref(), name, payload) {
+                Durable(DISCONNECT_EPOCH, _, sub) => Some(sub),
+                Plain(sub) if self.key.is_none() => Some(sub),
+                _ => None,
+            };
+            match sub.and_then(|s| std::str::from_utf8(s).ok()) {
+                Some(sub) => {
+                    let streams = self.sink.disconnect(sub);
+                    tracing::info!(streams, "a user was taken off (POST /disconnect)");
+                }
+                None => {
+                    metrics::counter!(m::EVENTS_DROPPED, "reason" => "forged").increment(1);
+                    tracing::debug!("a disconnect that does not verify was dropped");
+                }
             }
         } else if let Some(channel) = name.strip_prefix(self.prefix.as_str()) {
             match decode_durable(self.key.as_ref(), channel, payload) {
