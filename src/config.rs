@@ -353,6 +353,34 @@ pub struct Config {
     pub max_pending_handshakes: usize,
 }
 
+impl CorsOrigins {
+    /// Reads `SSE_GATEWAY_CORS_ORIGINS`: unset or empty is none, `*` is any, else a comma list
+    /// of `http(s)://` origins (a trailing `/` is dropped).
+    pub fn parse(setting: Option<&str>) -> Result<Option<Self>, ConfigError> {
+        match setting.map(str::trim) {
+            None | Some("") => Ok(None),
+            Some("*") => Ok(Some(CorsOrigins::Any)),
+            Some(list) => {
+                let origins: Vec<String> = list
+                    .split(',')
+                    .map(|o| o.trim().trim_end_matches('/').to_string())
+                    .filter(|o| !o.is_empty())
+                    .collect();
+                if let Some(o) = origins
+                    .iter()
+                    .find(|o| !(o.starts_with("http://") || o.starts_with("https://")))
+                {
+                    return Err(bad(
+                        "SSE_GATEWAY_CORS_ORIGINS",
+                        format!("{o:?} is not an origin like https://app.example.com (or use *)"),
+                    ));
+                }
+                Ok(Some(CorsOrigins::List(origins)))
+            }
+        }
+    }
+}
+
 /// A setting that cannot be used, named the way the operator wrote it.
 #[derive(Debug)]
 pub struct ConfigError {
@@ -564,27 +592,7 @@ impl Settings {
                 "must be between 8 and 1000000 frames",
             ));
         }
-        let cors_origins = match self.cors_origins.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some("*") => Some(CorsOrigins::Any),
-            Some(list) => {
-                let origins: Vec<String> = list
-                    .split(',')
-                    .map(|o| o.trim().trim_end_matches('/').to_string())
-                    .filter(|o| !o.is_empty())
-                    .collect();
-                if let Some(o) = origins
-                    .iter()
-                    .find(|o| !(o.starts_with("http://") || o.starts_with("https://")))
-                {
-                    return Err(bad(
-                        "SSE_GATEWAY_CORS_ORIGINS",
-                        format!("{o:?} is not an origin like https://app.example.com (or use *)"),
-                    ));
-                }
-                Some(CorsOrigins::List(origins))
-            }
-        };
+        let cors_origins = CorsOrigins::parse(self.cors_origins.as_deref())?;
         let tls = match (self.tls_cert_file, self.tls_key_file) {
             (None, None) => None,
             (Some(c), Some(k)) => Some((c, k)),

@@ -50,12 +50,14 @@ pub mod inspect;
 pub use crate::auth::{mint, Claims};
 pub use crate::metrics::Exporter;
 
-/// What the integration tests, benchmarks and the load tool reach inside the crate: the
-/// building blocks they drive directly (hub, backends, encoders, cursors). Not a stable API.
+/// What the integration tests, benchmarks, fuzz targets and the load tool reach inside the
+/// crate: the building blocks they drive directly (hub, backends, encoders, cursors, the
+/// parsers of outside input). Not a stable API.
 #[doc(hidden)]
 pub mod testing {
     pub use crate::backends::{broker, history, limits, redis};
     pub use crate::core::{channel, event, frame, hub, position, sink};
+    pub use crate::http::{h1stream, publish, request};
 }
 
 use std::future::Future;

@@ -79,62 +79,7 @@ where
         .handshakes
         .try_acquire()
         .map_err(|_| ApiError::Capacity)?;
-    let parsed: PublishRequest<'_> = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "body must be JSON {{\"channel\"|\"channels\", \"event\"?, \"data\"}}: {e}"
-        ))
-    })?;
-    let data = parsed
-        .data
-        .ok_or_else(|| ApiError::BadRequest("body has no \"data\" member".into()))?;
-    let channels: Vec<String> = match (parsed.channel, parsed.channels) {
-        (Some(c), None) => vec![c],
-        (None, Some(list)) if !list.is_empty() => list,
-        (Some(_), Some(_)) => {
-            return Err(ApiError::BadRequest(
-                "give \"channel\" or \"channels\", not both".into(),
-            ))
-        }
-        _ => {
-            return Err(ApiError::BadRequest(
-                "body needs \"channel\" or a non-empty \"channels\" array".into(),
-            ))
-        }
-    };
-    if channels.len() > MAX_CHANNELS_PER_STREAM {
-        return Err(ApiError::BadRequest(format!(
-            "too many channels: at most {MAX_CHANNELS_PER_STREAM} per publish"
-        )));
-    }
-    for c in &channels {
-        channel::validate_name(c).map_err(ApiError::BadRequest)?;
-        if !channel::granted(&grants, c) {
-            return Err(ApiError::Forbidden(format!(
-                "the token does not grant publishing to {c:?}"
-            )));
-        }
-    }
-    let event = parsed.event.filter(|e| !e.is_empty());
-    if let Some(name) = &event {
-        validate_event_name(name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    }
-    // The envelope every replica decodes: data exactly as the publisher wrote it.
-    let mut payload = String::with_capacity(data.get().len() + 64);
-    payload.push('{');
-    if let Some(name) = &event {
-        payload.push_str("\"event\":");
-        payload.push_str(&serde_json::Value::String(name.clone()).to_string());
-        payload.push(',');
-    }
-    payload.push_str("\"data\":");
-    payload.push_str(data.get());
-    payload.push('}');
-    if payload.len() > max {
-        return Err(ApiError::PayloadTooLarge(format!(
-            "the event is over {max} bytes (SSE_GATEWAY_MAX_EVENT_BYTES)"
-        )));
-    }
-    let payload = Bytes::from(payload);
+    let Envelope { channels, payload } = envelope(&body, max, &grants)?;
     let mut ids = serde_json::Map::new();
     for c in &channels {
         match &state.history {
@@ -172,4 +117,77 @@ where
         HeaderValue::from_static("application/json"),
     );
     Ok(response)
+}
+
+/// What a `POST /publish` body asks for: the channels, and the payload every replica decodes.
+#[derive(Debug)]
+pub struct Envelope {
+    /// Where the event goes (checked names, each granted).
+    pub channels: Vec<String>,
+    /// `{"event"?, "data"}` with `data` exactly as the publisher wrote it.
+    pub payload: Bytes,
+}
+
+/// Reads a `POST /publish` body against the publisher's `grants`: every refusal is the 400,
+/// 403 or 413 the caller gets. Pure, so that it can be fuzzed.
+pub fn envelope(body: &[u8], max: usize, grants: &[String]) -> Result<Envelope, ApiError> {
+    let parsed: PublishRequest<'_> = serde_json::from_slice(body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "body must be JSON {{\"channel\"|\"channels\", \"event\"?, \"data\"}}: {e}"
+        ))
+    })?;
+    let data = parsed
+        .data
+        .ok_or_else(|| ApiError::BadRequest("body has no \"data\" member".into()))?;
+    let channels: Vec<String> = match (parsed.channel, parsed.channels) {
+        (Some(c), None) => vec![c],
+        (None, Some(list)) if !list.is_empty() => list,
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "give \"channel\" or \"channels\", not both".into(),
+            ))
+        }
+        _ => {
+            return Err(ApiError::BadRequest(
+                "body needs \"channel\" or a non-empty \"channels\" array".into(),
+            ))
+        }
+    };
+    if channels.len() > MAX_CHANNELS_PER_STREAM {
+        return Err(ApiError::BadRequest(format!(
+            "too many channels: at most {MAX_CHANNELS_PER_STREAM} per publish"
+        )));
+    }
+    for c in &channels {
+        channel::validate_name(c).map_err(ApiError::BadRequest)?;
+        if !channel::granted(grants, c) {
+            return Err(ApiError::Forbidden(format!(
+                "the token does not grant publishing to {c:?}"
+            )));
+        }
+    }
+    let event = parsed.event.filter(|e| !e.is_empty());
+    if let Some(name) = &event {
+        validate_event_name(name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    }
+    // The envelope every replica decodes: data exactly as the publisher wrote it.
+    let mut payload = String::with_capacity(data.get().len() + 64);
+    payload.push('{');
+    if let Some(name) = &event {
+        payload.push_str("\"event\":");
+        payload.push_str(&serde_json::Value::String(name.clone()).to_string());
+        payload.push(',');
+    }
+    payload.push_str("\"data\":");
+    payload.push_str(data.get());
+    payload.push('}');
+    if payload.len() > max {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "the event is over {max} bytes (SSE_GATEWAY_MAX_EVENT_BYTES)"
+        )));
+    }
+    Ok(Envelope {
+        channels,
+        payload: Bytes::from(payload),
+    })
 }

@@ -1,0 +1,7 @@
+//! Fuzz target `settings`: see `checks::settings`.
+
+fn main() {
+    afl::fuzz!(|data: &[u8]| {
+        sse_gateway_fuzz::checks::settings(data);
+    });
+}
