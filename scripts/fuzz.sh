@@ -19,6 +19,8 @@ cargo afl build --release --bin "$target"
 out=target/afl/$target
 rm -rf "$out"
 export AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_UI=1
+# Several targets may run at once on a small machine: let the kernel place them.
+export AFL_NO_AFFINITY=1
 cargo afl fuzz -i "corpus/$target" -o "$out" -V "$secs" -- "target/release/$target" >"$out.log" 2>&1 || true
 
 stats=$out/default/fuzzer_stats
