@@ -3,7 +3,7 @@
 #   scripts/fuzz.sh payload_frame 1800
 # Targets: the binaries in fuzz/src/bin (lean_head, request_token, cursor, payload_frame,
 # publish_body, pubsub_message, grants, settings). Starts from fuzz/corpus/TARGET, adds the new
-# paths it finds back to that corpus (minimised with afl-cmin), copies any crash to
+# paths it finds back to that corpus, copies any crash to
 # fuzz/regressions/TARGET (replayed by `cargo test`), and prints execs/s, paths and time.
 # Installs cargo-afl (it builds AFL++ from source: needs a C compiler and make) when missing.
 set -euo pipefail
@@ -18,6 +18,7 @@ cargo afl build --release --bin "$target"
 
 out=target/afl/$target
 rm -rf "$out"
+mkdir -p target/afl
 export AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_UI=1
 # Several targets may run at once on a small machine: let the kernel place them.
 export AFL_NO_AFFINITY=1
@@ -32,13 +33,11 @@ for c in "$out"/default/crashes/id:*; do
   cp "$c" "regressions/$target/$(basename "$c" | tr ':,' '__')"
   crashes=$((crashes + 1))
 done
-# Keep the corpus small: only inputs that add coverage.
-cargo afl cmin -i "$out/default/queue" -o "$out/min" -- "target/release/$target" >/dev/null 2>&1 || true
-if [ -d "$out/min" ]; then
-  for f in "$out"/min/*; do
-    [ -e "$f" ] || continue
-    cp "$f" "corpus/$target/$(sha1sum "$f" | cut -c1-16)"
-  done
-fi
+# AFL++ queues only inputs that found new coverage: they join the corpus (named by content, so
+# a rerun adds nothing twice).
+for f in "$out"/default/queue/id:*; do
+  [ -e "$f" ] || continue
+  cp "$f" "corpus/$target/$(sha1sum "$f" | cut -c1-16)"
+done
 get() { awk -F': *' -v k="$1" '$1 ~ "^"k" *$" {print $2}' "$stats"; }
 echo "$target: $(get run_time) s, $(get execs_done) execs ($(get execs_per_sec)/s), $(get corpus_count) paths, $crashes crashes, corpus now $(find "corpus/$target" -type f | wc -l) inputs"

@@ -37,11 +37,12 @@ pub fn personal_channel(sub: &str) -> String {
     format!("user:{sub}")
 }
 
-/// Whether any grant (exact name or `prefix*`) admits `channel`.
+/// Whether any grant (exact name or `prefix*`) admits `channel`. A grant with a `*` anywhere
+/// but once at its end is no prefix grant (found by fuzzing: `li**` used to open `li*…`).
 pub fn granted(grants: &[String], channel: &str) -> bool {
     grants.iter().any(|g| match g.strip_suffix('*') {
-        Some(prefix) => channel.starts_with(prefix),
-        None => g == channel,
+        Some(prefix) if !prefix.contains('*') => channel.starts_with(prefix),
+        _ => g == channel,
     })
 }
 
@@ -49,6 +50,15 @@ pub fn granted(grants: &[String], channel: &str) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_star_inside_a_grant_makes_it_an_exact_name() {
+        let grants = vec!["li**".to_string(), "a*b*".to_string(), "team:*".to_string()];
+        assert!(!granted(&grants, "li*x"));
+        assert!(!granted(&grants, "a*bc"));
+        assert!(granted(&grants, "team:7"));
+        assert!(granted(&["*".to_string()], "anything"));
+    }
 
     #[test]
     fn names() {
