@@ -30,8 +30,9 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-/// 1. The lean HTTP/1.1 path: either it takes a complete `GET /events` head (and nothing
-///    else was read), or hyper gets exactly the bytes that were read.
+/// 1. The lean HTTP/1.1 path: either it takes one complete `GET /events` head and read nothing
+///    past it (what follows stays in the socket), or hyper gets exactly the bytes that were
+///    read.
 pub fn lean_head(data: &[u8]) {
     let mut io = data;
     let start = runtime().block_on(h1stream::classify(
@@ -43,7 +44,13 @@ pub fn lean_head(data: &[u8]) {
             assert_eq!(req.method(), http::Method::GET);
             let path = req.uri().path();
             assert_eq!(path, "/events", "the lean path took {path}");
-            assert!(io.is_empty(), "bytes past the head were dropped");
+            let consumed = &data[..data.len() - io.len()];
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let parsed = httparse::Request::new(&mut headers).parse(consumed);
+            assert!(
+                matches!(parsed, Ok(httparse::Status::Complete(n)) if n == consumed.len()),
+                "the lean path read past the head: {parsed:?}"
+            );
         }
         h1stream::Start::Hyper(bytes) => {
             assert!(
@@ -211,9 +218,28 @@ pub fn publish_body(data: &[u8]) {
     }
 }
 
-/// 6. Redis messages as the broker reads them: never a durable event unless it carries a MAC
-///    under the key, and a signed one always reads back exactly.
+/// 6. Redis messages as the broker reads them: a sharded push (values built from the input)
+///    yields its channel and payload or nothing; a message is never a durable event unless it
+///    carries a MAC under the key, and a signed one always reads back exactly.
 pub fn pubsub_message(data: &[u8]) {
+    let values: Vec<::redis::Value> = data
+        .split(|&b| b == 0xff)
+        .map(|part| match part.first() {
+            Some(b'i') => ::redis::Value::Int(part.len() as i64),
+            Some(b'n') => ::redis::Value::Nil,
+            Some(b's') => ::redis::Value::SimpleString(String::from_utf8_lossy(part).into_owned()),
+            _ => ::redis::Value::BulkString(part.to_vec()),
+        })
+        .collect();
+    if let Some((name, payload)) = sse_gateway::testing::broker::redis::shard_message(&values) {
+        assert!(matches!(values[0], ::redis::Value::BulkString(_)));
+        let mut parts = data.split(|&b| b == 0xff);
+        assert_eq!(
+            parts.next().map(String::from_utf8_lossy).as_deref(),
+            Some(name.as_str())
+        );
+        assert_eq!(parts.next(), Some(payload));
+    }
     let key = position::DurableKey::from_hex(&"ab".repeat(32)).expect("a key");
     match position::decode_durable(Some(&key), "orders", data) {
         position::Incoming::Durable(..) => {

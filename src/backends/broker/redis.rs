@@ -342,13 +342,8 @@ impl Manager {
                         while let Some(push) = pushes.recv().await {
                             match push.kind {
                                 redis::PushKind::SMessage => {
-                                    if let [name, payload, ..] = &push.data[..] {
-                                        if let (Some(name), Some(payload)) =
-                                            (bulk(name), bulk(payload))
-                                        {
-                                            let name = String::from_utf8_lossy(name);
-                                            incoming.message(&name, payload);
-                                        }
+                                    if let Some((name, payload)) = shard_message(&push.data) {
+                                        incoming.message(&name, payload);
                                     }
                                 }
                                 redis::PushKind::SUnsubscribe => {
@@ -846,6 +841,16 @@ impl Incoming {
             }
         }
     }
+}
+
+/// The channel and payload of a sharded pub/sub message (`smessage <channel> <payload>`), as
+/// Redis pushes it; `None` for anything else (it is ignored, never a panic).
+pub fn shard_message(data: &[redis::Value]) -> Option<(String, &[u8])> {
+    let [name, payload, ..] = data else {
+        return None;
+    };
+    let (name, payload) = (bulk(name)?, bulk(payload)?);
+    Some((String::from_utf8_lossy(name).into_owned(), payload))
 }
 
 fn bulk(v: &redis::Value) -> Option<&[u8]> {
