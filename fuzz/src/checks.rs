@@ -284,16 +284,19 @@ pub fn grants(data: &[u8]) {
 ///    and a refusal never echoes a password.
 pub fn settings(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    if let Err(e) = redis::Topology::parse(&text) {
-        if let Some((_, rest)) = text.split_once("://") {
-            if let Some((auth, _)) = rest.split_once('@') {
-                if let Some((_, password)) = auth.split_once(':') {
-                    if password.len() >= 6 {
-                        assert!(!e.contains(password), "a password in an error: {e}");
-                    }
-                }
-            }
-        }
+    // Whatever the URL, parsing it never panics; and with a marker password put into its user
+    // info, no refusal shows the password.
+    let _ = redis::Topology::parse(&text);
+    const MARK: &str = "Pw7-marker-Q9";
+    let marked = match text.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, hosts)) => format!("{scheme}://user:{MARK}@{hosts}"),
+            None => format!("{scheme}://user:{MARK}@{rest}"),
+        },
+        None => format!("redis://user:{MARK}@{text}"),
+    };
+    if let Err(e) = redis::Topology::parse(&marked) {
+        assert!(!e.contains(MARK), "a password in an error: {e}");
     }
     if let Ok(Some(sse_gateway::config::CorsOrigins::List(list))) =
         sse_gateway::config::CorsOrigins::parse(Some(&text))
