@@ -37,7 +37,8 @@ done
 # a rerun adds nothing twice).
 for f in "$out"/default/queue/id:*; do
   [ -e "$f" ] || continue
-  cp "$f" "corpus/$target/$(sha1sum "$f" | cut -c1-16)"
+  dest=corpus/$target/$(sha1sum "$f" | cut -c1-16)
+  [ -e "$dest" ] || cp "$f" "$dest"
 done
 get() { awk -F': *' -v k="$1" '$1 ~ "^"k" *$" {print $2}' "$stats"; }
 echo "$target: $(get run_time) s, $(get execs_done) execs ($(get execs_per_sec)/s), $(get corpus_count) paths, $crashes crashes, corpus now $(find "corpus/$target" -type f | wc -l) inputs"
