@@ -90,16 +90,20 @@ impl Jwks {
         if let Some(key) = self.lookup(kid) {
             return Ok(key);
         }
-        let may_fetch = lock(&self.last_fetch).is_none_or(|t| t.elapsed() >= UNKNOWN_KID_EVERY);
-        if may_fetch {
-            if let Err(why) = self.fetch().await {
-                tracing::warn!(
-                    "SSE_GATEWAY_JWT_JWKS_URL: fetching the key set for an unknown key id failed: {why}"
-                );
+        {
+            // Decided under the fetch lock: requests that arrive together wait for one fetch
+            // and then find it recent, instead of each fetching in turn.
+            let _one = self.fetching.lock().await;
+            if lock(&self.last_fetch).is_none_or(|t| t.elapsed() >= UNKNOWN_KID_EVERY) {
+                if let Err(why) = self.fetch_locked().await {
+                    tracing::warn!(
+                        "SSE_GATEWAY_JWT_JWKS_URL: fetching the key set for an unknown key id failed: {why}"
+                    );
+                }
             }
-            if let Some(key) = self.lookup(kid) {
-                return Ok(key);
-            }
+        }
+        if let Some(key) = self.lookup(kid) {
+            return Ok(key);
         }
         Err(match kid {
             Some(_) => "token key id (kid) is not in the key set".into(),
@@ -119,6 +123,11 @@ impl Jwks {
     /// Fetches the document and replaces the keys; how many keys it holds.
     async fn fetch(&self) -> Result<usize, String> {
         let _one = self.fetching.lock().await;
+        self.fetch_locked().await
+    }
+
+    /// [`Self::fetch`], for a caller that holds the fetch lock.
+    async fn fetch_locked(&self) -> Result<usize, String> {
         *lock(&self.last_fetch) = Some(Instant::now());
         let work = async {
             let response = self

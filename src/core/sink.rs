@@ -52,62 +52,65 @@ impl Fanout {
     }
 }
 
-/// Counts and logs an event that could not become a frame.
-fn dropped(reason: &'static str, why: &str) {
-    metrics::counter!(m::EVENTS_DROPPED, "reason" => reason).increment(1);
-    tracing::debug!(reason, "event dropped: {why}");
+impl Fanout {
+    /// Counts a received payload and frames it (`open`: left without its end, for a durable
+    /// event's `id:` line); a payload that cannot be framed is counted and logged as dropped.
+    fn frame(&self, payload: &[u8], open: bool) -> Option<Bytes> {
+        m::hot().received.increment(1);
+        let encoded = parse_payload(payload, self.max_event_bytes)
+            .map_err(|e| (e.reason(), e.to_string()))
+            .and_then(|event| {
+                let framed = if open {
+                    frame::encode_open(&event)
+                } else {
+                    frame::encode(&event)
+                };
+                framed.map_err(|e| ("invalid", e.to_string()))
+            });
+        match encoded {
+            Ok(bytes) => Some(bytes),
+            Err((reason, why)) => {
+                metrics::counter!(m::EVENTS_DROPPED, "reason" => reason).increment(1);
+                tracing::debug!(reason, "event dropped: {why}");
+                None
+            }
+        }
+    }
 }
 
 impl EventSink for Fanout {
     fn event(&self, channel: &str, payload: &[u8]) {
         let received = Instant::now();
-        m::hot().received.increment(1);
-        let encoded = parse_payload(payload, self.max_event_bytes)
-            .map_err(|e| (e.reason(), e.to_string()))
-            .and_then(|event| frame::encode(&event).map_err(|e| ("invalid", e.to_string())));
-        match encoded {
-            Ok(bytes) => {
-                self.hub.deliver(
-                    channel,
-                    &Queued {
-                        bytes,
-                        received,
-                        durable: None,
-                    },
-                );
-            }
-            Err((reason, why)) => dropped(reason, &why),
+        if let Some(bytes) = self.frame(payload, false) {
+            let queued = Queued {
+                bytes,
+                received,
+                durable: None,
+            };
+            self.hub.deliver(channel, &queued);
         }
     }
 
     fn durable(&self, channel: &str, mark: &Mark, payload: &[u8]) {
         let received = Instant::now();
-        m::hot().received.increment(1);
-        let encoded = parse_payload(payload, self.max_event_bytes)
-            .map_err(|e| (e.reason(), e.to_string()))
-            .and_then(|event| frame::encode_open(&event).map_err(|e| ("invalid", e.to_string())));
-        match encoded {
-            Ok(bytes) => {
-                let channel_arc: Arc<str> = Arc::from(channel);
-                let single = Cursor {
-                    marks: vec![(channel_arc.clone(), mark.clone())],
-                };
-                self.hub.deliver(
-                    channel,
-                    &Queued {
-                        bytes,
-                        received,
-                        durable: Some(Arc::new(Durable {
-                            channel: channel_arc,
-                            mark: mark.clone(),
-                            single_id: frame::id_line(&single.encode()),
-                            reset: false,
-                        })),
-                    },
-                );
-            }
-            Err((reason, why)) => dropped(reason, &why),
-        }
+        let Some(bytes) = self.frame(payload, true) else {
+            return;
+        };
+        let channel_arc: Arc<str> = Arc::from(channel);
+        let single = Cursor {
+            marks: vec![(channel_arc.clone(), mark.clone())],
+        };
+        let queued = Queued {
+            bytes,
+            received,
+            durable: Some(Arc::new(Durable {
+                channel: channel_arc,
+                mark: mark.clone(),
+                single_id: frame::id_line(&single.encode()),
+                reset: false,
+            })),
+        };
+        self.hub.deliver(channel, &queued);
     }
 
     fn gap(&self, channel: &str, mark: &Mark, gap: Bytes) {

@@ -111,11 +111,12 @@ impl ApiError {
         }
     }
 
-    fn retry_after(&self) -> Option<&'static str> {
+    /// `Retry-After`, in seconds, of a passing refusal.
+    fn retry_after(&self) -> Option<u64> {
         match self {
-            ApiError::UserLimit(_) => Some("10"),
-            ApiError::Capacity | ApiError::Unavailable(_) => Some("5"),
-            ApiError::Draining => Some("1"),
+            ApiError::UserLimit(_) => Some(10),
+            ApiError::Capacity | ApiError::Unavailable(_) => Some(5),
+            ApiError::Draining => Some(1),
             _ => None,
         }
     }
@@ -155,7 +156,7 @@ impl ApiError {
     /// `200` with `retry:` (the `Retry-After` in milliseconds, jittered by ±20 % so refused
     /// browsers do not come back in step) and one `gateway.refused`, then the end.
     fn into_in_band(self) -> Response<GatewayBody> {
-        let secs: u64 = self.retry_after().and_then(|s| s.parse().ok()).unwrap_or(5);
+        let secs = self.retry_after().unwrap_or(5);
         let retry_ms = (secs as f64 * 1000.0 * (0.8 + 0.4 * rand::random::<f64>())) as u64;
         let data = serde_json::json!({"error": self.code(), "message": self.message()});
         let mut body = format!("retry: {retry_ms}\n").into_bytes();
@@ -189,7 +190,7 @@ impl ApiError {
             headers.insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         if let Some(secs) = self.retry_after() {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static(secs));
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }
