@@ -42,6 +42,7 @@ fn subscriber(id: u64) -> (Arc<Subscriber>, tokio::sync::mpsc::Receiver<Queued>)
             sub: format!("user-{id}"),
             channels: vec!["bench".into()],
             opened_at: std::time::SystemTime::now(),
+            presence: false,
         },
     )
 }

@@ -188,6 +188,17 @@ pub struct Settings {
         default_value_t = 1024
     )]
     pub max_pending_handshakes: usize,
+    /// Channels whose members are tracked (`GET /presence`, `gateway.join`/`gateway.leave`):
+    /// comma-separated names or `prefix*` patterns.
+    #[arg(long, env = "SSE_GATEWAY_PRESENCE_CHANNELS")]
+    pub presence_channels: Option<String>,
+    /// A user's `gateway.leave` is announced only if they have not come back within this long.
+    #[arg(
+        long,
+        env = "SSE_GATEWAY_PRESENCE_LEAVE_GRACE_SECS",
+        default_value_t = 5
+    )]
+    pub presence_leave_grace_secs: u64,
     /// Seconds between checks that the Redis subscription still delivers.
     #[arg(long, env = "SSE_GATEWAY_REDIS_PROBE_SECS", default_value_t = 5)]
     pub redis_probe_secs: u64,
@@ -351,6 +362,48 @@ pub struct Config {
     pub admin_advertise: Option<String>,
     /// Concurrent handshakes allowed.
     pub max_pending_handshakes: usize,
+    /// Channel names and `prefix*` patterns whose members are tracked (empty: presence off).
+    pub presence_channels: Vec<String>,
+    /// How long a user may be gone before their leave is announced.
+    pub presence_leave_grace: Duration,
+}
+
+impl Config {
+    /// Whether `channel`'s members are tracked.
+    pub fn is_presence_channel(&self, channel: &str) -> bool {
+        !self.presence_channels.is_empty()
+            && crate::core::channel::granted(&self.presence_channels, channel)
+    }
+}
+
+/// Reads `SSE_GATEWAY_PRESENCE_CHANNELS`: channel names, or prefixes ending in one `*`.
+fn presence_channels(setting: Option<&str>, history_size: u64) -> Result<Vec<String>, ConfigError> {
+    let mut out = Vec::new();
+    for item in setting.unwrap_or("").split(',').map(str::trim) {
+        if item.is_empty() {
+            continue;
+        }
+        let name = item.strip_suffix('*').unwrap_or(item);
+        let valid = if name.is_empty() && item == "*" {
+            true
+        } else {
+            crate::core::channel::validate_name(name).is_ok()
+        };
+        if !valid {
+            return Err(bad(
+                "SSE_GATEWAY_PRESENCE_CHANNELS",
+                format!("{item:?} is neither a channel name nor a prefix ending in *: list names like room:lobby or prefixes like room:*, separated by commas"),
+            ));
+        }
+        out.push(item.to_string());
+    }
+    if !out.is_empty() && history_size == 0 {
+        return Err(bad(
+            "SSE_GATEWAY_PRESENCE_CHANNELS",
+            "joins and leaves are durable events, so presence needs history: set SSE_GATEWAY_HISTORY_SIZE above 0 or unset SSE_GATEWAY_PRESENCE_CHANNELS",
+        ));
+    }
+    Ok(out)
 }
 
 impl CorsOrigins {
@@ -675,6 +728,16 @@ impl Settings {
                 "SSE_GATEWAY_MAX_PENDING_HANDSHAKES",
                 self.max_pending_handshakes as u64,
             )? as usize,
+            presence_channels: presence_channels(
+                self.presence_channels.as_deref(),
+                self.history_size,
+            )?,
+            presence_leave_grace: secs(
+                "SSE_GATEWAY_PRESENCE_LEAVE_GRACE_SECS",
+                self.presence_leave_grace_secs,
+                0,
+                HOUR,
+            )?,
         })
     }
 }

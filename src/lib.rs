@@ -55,7 +55,7 @@ pub use crate::metrics::Exporter;
 /// parsers of outside input). Not a stable API.
 #[doc(hidden)]
 pub mod testing {
-    pub use crate::backends::{broker, history, limits, redis};
+    pub use crate::backends::{broker, history, limits, presence, redis};
     pub use crate::core::{channel, event, frame, hub, position, sink};
     pub use crate::http::{h1stream, publish, request};
 }
@@ -67,26 +67,19 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backends::broker::{memory::MemoryBroker, redis::RedisBroker, Broker, BrokerSettings};
+use crate::backends::broker::{memory::MemoryBroker, redis::RedisBroker, BrokerSettings};
 use crate::backends::history::redis::{Library, RedisHistory};
 use crate::backends::history::{memory::MemoryHistory, History, HistorySettings};
-use crate::backends::limits::{memory::MemoryLimiter, redis::RedisLimiter, LimitSettings, Limiter};
+use crate::backends::limits::{memory::MemoryLimiter, redis::RedisLimiter, LimitSettings};
+use crate::backends::presence::{
+    memory::MemoryPresence, redis::RedisPresence, Presence, PresenceSettings,
+};
 use crate::backends::redis::{Commands, Topology};
 use crate::config::{Config, JwtKey};
 use crate::core::hub::Hub;
 use crate::core::sink::{EventSink, Fanout};
-use crate::http::state::AppState;
+use crate::http::state::{AppState, Backends};
 use crate::http::{server, shutdown};
-
-/// The shared state a replica keeps outside itself: in memory, or in Redis.
-struct Backends {
-    /// Cross-replica event transport.
-    broker: Arc<dyn Broker>,
-    /// Per-user slots.
-    limiter: Arc<dyn Limiter>,
-    /// Durable events; `None` when `SSE_GATEWAY_HISTORY_SIZE` is 0.
-    history: Option<Arc<dyn History>>,
-}
 
 /// Builds the broker, history and per-user limiter the configuration asks for: the one place
 /// that turns settings into backends, so no backend reads the command line.
@@ -104,13 +97,29 @@ fn backends(
         max_event_bytes: config.max_event_bytes,
     };
     let keep_history = config.history_size > 0;
+    let presence_settings = PresenceSettings {
+        prefix: config.channel_prefix.clone(),
+        grace: config.presence_leave_grace,
+        history_size: config.history_size,
+        history_ttl: config.history_ttl,
+    };
+    let track_presence = !config.presence_channels.is_empty();
     match &config.redis_url {
-        None => Ok(Backends {
-            broker: Arc::new(MemoryBroker::new(sink.clone())),
-            limiter: Arc::new(MemoryLimiter::new(config.max_connections_per_user)),
-            history: keep_history
-                .then(|| MemoryHistory::new(&history_settings, sink) as Arc<dyn History>),
-        }),
+        None => {
+            let history = keep_history
+                .then(|| MemoryHistory::new(&history_settings, sink.clone()) as Arc<dyn History>);
+            // Presence needs history (the configuration refuses it otherwise).
+            let presence = history
+                .clone()
+                .filter(|_| track_presence)
+                .map(|h| MemoryPresence::new(&presence_settings, h) as Arc<dyn Presence>);
+            Ok(Backends {
+                broker: Arc::new(MemoryBroker::new(sink)),
+                limiter: Arc::new(MemoryLimiter::new(config.max_connections_per_user)),
+                history,
+                presence,
+            })
+        }
         Some(url) => {
             let pool = Commands::new(
                 Topology::parse(url).map_err(|e| format!("SSE_GATEWAY_REDIS_URL: {e}"))?,
@@ -131,12 +140,27 @@ fn backends(
                 limit: config.max_connections_per_user,
                 lease: config.connection_lease,
             };
-            let limiter =
-                RedisLimiter::start(pool, &limits, hub, admin_addr, replica_id.to_string());
+            let limiter = Arc::new(RedisLimiter::start(
+                pool.clone(),
+                &limits,
+                hub,
+                admin_addr,
+                replica_id.to_string(),
+            ));
+            let presence = (track_presence && keep_history).then(|| {
+                Arc::new(RedisPresence::start(
+                    pool.clone(),
+                    Library::new(pool, &history_settings),
+                    limiter.clone(),
+                    &presence_settings,
+                    config.connection_lease,
+                )) as Arc<dyn Presence>
+            });
             Ok(Backends {
                 broker: Arc::new(broker),
-                limiter: Arc::new(limiter),
+                limiter,
                 history: history.map(|h| Arc::new(h) as Arc<dyn History>),
+                presence,
             })
         }
     }
@@ -204,10 +228,8 @@ pub async fn run(
     let state = Arc::new(AppState::new(
         config,
         hub,
-        backends.broker,
+        backends,
         verifier,
-        backends.limiter,
-        backends.history,
         replica_id.clone(),
     ));
     let stop = CancellationToken::new();
@@ -234,6 +256,9 @@ pub async fn run(
 
     shutdown.await;
     shutdown::drain(&state, &connections, &stop_client).await;
+    if let Some(presence) = &state.presence {
+        presence.flush().await;
+    }
     state.limiter.flush().await;
     stop.cancel();
     servers.close();

@@ -38,6 +38,14 @@ pub const SUBSCRIBED_CHANNELS: &str = "sse_gateway_subscribed_channels";
 pub const PUBLISH: &str = "sse_gateway_publish_total";
 /// `POST /disconnect` outcomes.
 pub const DISCONNECTS: &str = "sse_gateway_disconnects_total";
+/// Streams on this replica counted as members of presence channels.
+pub const PRESENCE_ENTRIES: &str = "sse_gateway_presence_entries";
+/// `gateway.join`/`gateway.leave` this replica stored, by `kind`.
+pub const PRESENCE_EVENTS: &str = "sse_gateway_presence_events_total";
+/// Channels of dead replicas whose presence this replica cleared.
+pub const PRESENCE_SWEEPS: &str = "sse_gateway_presence_sweeps_total";
+/// Presence writes that failed and were retried, by `op`.
+pub const PRESENCE_ERRORS: &str = "sse_gateway_presence_errors_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -89,6 +97,7 @@ impl Exporter {
         metrics::counter!(EVENTS_DELIVERED).absolute(0);
         metrics::counter!(REDIS_RECONNECTS).absolute(0);
         metrics::gauge!(SUBSCRIBED_CHANNELS).set(0.0);
+        metrics::gauge!(PRESENCE_ENTRIES).set(0.0);
         Ok(Self {
             handle,
             process: std::sync::Arc::new(process),
@@ -148,4 +157,20 @@ fn describe() {
     );
     describe_counter!(PUBLISH, "POST /publish requests, by result.");
     describe_counter!(DISCONNECTS, "POST /disconnect requests, by result.");
+    describe_gauge!(
+        PRESENCE_ENTRIES,
+        "Streams on this replica counted as members of presence channels."
+    );
+    describe_counter!(
+        PRESENCE_EVENTS,
+        "gateway.join and gateway.leave events this replica stored, by kind."
+    );
+    describe_counter!(
+        PRESENCE_SWEEPS,
+        "Presence channels of dead replicas cleared by this replica."
+    );
+    describe_counter!(
+        PRESENCE_ERRORS,
+        "Presence writes to Redis that failed (and were retried), by operation."
+    );
 }

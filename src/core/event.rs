@@ -138,6 +138,76 @@ pub fn parse_payload(payload: &[u8], max_bytes: usize) -> Result<Event<'_>, Reje
     })
 }
 
+/// How a stored join or leave begins: a NUL byte, which no publisher's durable payload may start
+/// with (the publish function refuses it), so only the gateway's presence function can store one.
+/// The rest is `join\0<sub>` or `leave\0<sub>`.
+pub const PRESENCE_MARKER: &[u8] = b"\0P\0";
+
+/// A user-level presence transition, stored in the channel's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// The user's first stream on the channel, anywhere.
+    Join,
+    /// The user's last stream went away and they did not come back within the grace.
+    Leave,
+}
+
+impl Presence {
+    /// The word stored after the marker, and used as a metric label.
+    pub fn word(self) -> &'static str {
+        match self {
+            Presence::Join => "join",
+            Presence::Leave => "leave",
+        }
+    }
+}
+
+/// The stored payload of a presence transition (what the in-memory presence appends; the
+/// Redis presence function builds the same bytes).
+pub fn presence_payload(kind: Presence, sub: &str) -> Vec<u8> {
+    let mut out = PRESENCE_MARKER.to_vec();
+    out.extend_from_slice(kind.word().as_bytes());
+    out.push(0);
+    out.extend_from_slice(sub.as_bytes());
+    out
+}
+
+/// Reads a stored payload as a presence transition: `gateway.join`/`gateway.leave` with
+/// `data: {"sub": …}`. `None` for every other payload, including a marker with anything but
+/// `join`/`leave` after it. Only payloads from history (or from signed durable messages) may be
+/// read this way: a raw pub/sub message is never a presence event.
+pub fn parse_presence(payload: &[u8]) -> Option<(Presence, Event<'static>)> {
+    let rest = payload.strip_prefix(PRESENCE_MARKER)?;
+    let (kind, sub) = if let Some(sub) = rest.strip_prefix(b"join\0") {
+        (Presence::Join, sub)
+    } else {
+        (Presence::Leave, rest.strip_prefix(b"leave\0")?)
+    };
+    let sub = std::str::from_utf8(sub).ok()?;
+    let name = match kind {
+        Presence::Join => "gateway.join",
+        Presence::Leave => "gateway.leave",
+    };
+    Some((
+        kind,
+        Event {
+            id: None,
+            event: Some(Cow::Borrowed(name)),
+            data: Cow::Owned(serde_json::json!({ "sub": sub }).to_string().into_bytes()),
+        },
+    ))
+}
+
+/// A stored durable payload as an event, and whether it is a presence transition (which only
+/// streams that asked with `?presence=1` receive): the one reading of history shared by live
+/// delivery and replay.
+pub fn parse_stored(payload: &[u8], max_bytes: usize) -> Result<(Event<'_>, bool), Rejected> {
+    match parse_presence(payload) {
+        Some((_, event)) => Ok((event, true)),
+        None => parse_payload(payload, max_bytes).map(|e| (e, false)),
+    }
+}
+
 /// Removes insignificant whitespace from valid JSON text, borrowing when there is none.
 fn compact_json(raw: &str) -> Cow<'_, [u8]> {
     let bytes = raw.as_bytes();
@@ -229,6 +299,25 @@ mod tests {
         }
         let long = serde_json::json!({"event": "e".repeat(257), "data": "x"}).to_string();
         assert!(parse_payload(long.as_bytes(), 10000).is_err());
+    }
+
+    #[test]
+    fn presence_payloads_round_trip() {
+        for (kind, name) in [
+            (Presence::Join, "gateway.join"),
+            (Presence::Leave, "gateway.leave"),
+        ] {
+            let stored = presence_payload(kind, "al\"ice");
+            let (event, presence) = parse_stored(&stored, 10).unwrap();
+            assert!(presence);
+            assert_eq!(event.event.as_deref(), Some(name));
+            assert_eq!(&*event.data, br#"{"sub":"al\"ice"}"#);
+        }
+        // Anything else after the marker is not presence (and stays verbatim data).
+        let (event, presence) = parse_stored(b"\0P\0kick\0bob", 100).unwrap();
+        assert!(!presence);
+        assert_eq!(event.event, None);
+        assert!(parse_presence(b"join\0bob").is_none());
     }
 
     proptest! {

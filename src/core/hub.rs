@@ -49,6 +49,8 @@ pub struct Durable {
     /// and this is where it stands now), so the change of epoch is announced once, not again
     /// with the next event.
     pub reset: bool,
+    /// A `gateway.join`/`gateway.leave`: only streams that asked with `?presence=1` get it.
+    pub presence: bool,
 }
 
 /// Why a stream ended; the `connections_closed_total` reason.
@@ -117,6 +119,8 @@ pub struct StreamInfo {
     pub channels: Vec<String>,
     /// When the stream opened.
     pub opened_at: std::time::SystemTime,
+    /// Whether the stream asked for joins and leaves (`?presence=1`).
+    pub presence: bool,
 }
 
 /// The hub's handle on one open stream.
@@ -369,7 +373,11 @@ impl Hub {
         };
         let mut delivered = 0;
         let mut slow = 0u64;
+        let presence = frame.durable.as_ref().is_some_and(|d| d.presence);
         for sub in list {
+            if presence && !sub.info.presence {
+                continue;
+            }
             if sub.offer(frame) {
                 delivered += 1;
             } else if sub.close_reason() == CloseReason::SlowConsumer {
@@ -451,6 +459,7 @@ mod tests {
             sub: "u".into(),
             channels: vec![],
             opened_at: std::time::SystemTime::now(),
+            presence: false,
         }
     }
 

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::core::event::parse_payload;
+use crate::core::event::{parse_payload, parse_stored};
 use crate::core::frame;
 use crate::core::hub::{Durable, Hub, Queued};
 use crate::core::position::{Cursor, Mark};
@@ -53,22 +53,31 @@ impl Fanout {
 }
 
 impl Fanout {
-    /// Counts a received payload and frames it (`open`: left without its end, for a durable
-    /// event's `id:` line); a payload that cannot be framed is counted and logged as dropped.
-    fn frame(&self, payload: &[u8], open: bool) -> Option<Bytes> {
+    /// Counts a received payload and frames it (`durable`: read as stored history, which may
+    /// hold a presence transition, and left without its end for the `id:` line); a payload that
+    /// cannot be framed is counted and logged as dropped. Also says whether it is presence.
+    fn frame(&self, payload: &[u8], durable: bool) -> Option<(Bytes, bool)> {
         m::hot().received.increment(1);
-        let encoded = parse_payload(payload, self.max_event_bytes)
-            .map_err(|e| (e.reason(), e.to_string()))
-            .and_then(|event| {
-                let framed = if open {
-                    frame::encode_open(&event)
-                } else {
-                    frame::encode(&event)
-                };
-                framed.map_err(|e| ("invalid", e.to_string()))
-            });
+        let parsed = if durable {
+            parse_stored(payload, self.max_event_bytes)
+        } else {
+            parse_payload(payload, self.max_event_bytes).map(|e| (e, false))
+        };
+        let encoded =
+            parsed
+                .map_err(|e| (e.reason(), e.to_string()))
+                .and_then(|(event, presence)| {
+                    let framed = if durable {
+                        frame::encode_open(&event)
+                    } else {
+                        frame::encode(&event)
+                    };
+                    framed
+                        .map(|b| (b, presence))
+                        .map_err(|e| ("invalid", e.to_string()))
+                });
         match encoded {
-            Ok(bytes) => Some(bytes),
+            Ok(framed) => Some(framed),
             Err((reason, why)) => {
                 metrics::counter!(m::EVENTS_DROPPED, "reason" => reason).increment(1);
                 tracing::debug!(reason, "event dropped: {why}");
@@ -81,7 +90,7 @@ impl Fanout {
 impl EventSink for Fanout {
     fn event(&self, channel: &str, payload: &[u8]) {
         let received = Instant::now();
-        if let Some(bytes) = self.frame(payload, false) {
+        if let Some((bytes, _)) = self.frame(payload, false) {
             let queued = Queued {
                 bytes,
                 received,
@@ -93,7 +102,7 @@ impl EventSink for Fanout {
 
     fn durable(&self, channel: &str, mark: &Mark, payload: &[u8]) {
         let received = Instant::now();
-        let Some(bytes) = self.frame(payload, true) else {
+        let Some((bytes, presence)) = self.frame(payload, true) else {
             return;
         };
         let channel_arc: Arc<str> = Arc::from(channel);
@@ -108,6 +117,7 @@ impl EventSink for Fanout {
                 mark: mark.clone(),
                 single_id: frame::id_line(&single.encode()),
                 reset: false,
+                presence,
             })),
         };
         self.hub.deliver(channel, &queued);
@@ -124,6 +134,7 @@ impl EventSink for Fanout {
                     mark: mark.clone(),
                     single_id: Bytes::new(),
                     reset: true,
+                    presence: false,
                 })),
             },
         );

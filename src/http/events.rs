@@ -15,6 +15,7 @@ use crate::http::diagnostics::Rejection;
 
 use crate::auth::now_secs;
 use crate::backends::limits::{LimitError, Slot};
+use crate::backends::presence::Entry;
 use crate::core::channel::{self, MAX_CHANNELS_PER_STREAM};
 use crate::core::frame;
 use crate::core::hub::{StreamInfo, Subscriber};
@@ -132,6 +133,16 @@ async fn open<B>(
             "the token does not grant channel {refused:?}"
         )));
     }
+    let wants_presence = match query.iter().find(|(k, _)| k == "presence") {
+        None => false,
+        Some((_, v)) if v == "1" || v == "true" => true,
+        Some((_, v)) if v == "0" || v == "false" => false,
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "presence must be 1 (send gateway.join and gateway.leave) or 0".into(),
+            ))
+        }
+    };
     if !state.broker.is_ready() {
         return Err(ApiError::Unavailable(
             "the broker (Redis) is unreachable, so this replica cannot deliver events; retry"
@@ -162,6 +173,7 @@ async fn open<B>(
         sub,
         channels,
         opened_at: SystemTime::now(),
+        presence: wants_presence,
     };
     // Over HTTP/2 the stream runs under its own watch, so cutting a slow consumer resets only
     // that stream; over HTTP/1.1 the watch's cut is the connection's.
@@ -169,7 +181,7 @@ async fn open<B>(
         .map(|w| w.kill_token())
         .unwrap_or_else(|| conn.kill.clone());
     let (subscriber, rx) = Subscriber::new(stream_id, config.client_queue, cut, info);
-    let (guard, _first) =
+    let (mut guard, _first) =
         StreamGuard::subscribe(subscriber, slot, state.hub.clone(), state.broker.clone());
     // Ask for every channel of the stream, not only the new ones: a channel another stream
     // just added may not be confirmed yet, and the broker answers at once for confirmed ones.
@@ -185,6 +197,23 @@ async fn open<B>(
             return Err(ApiError::Unavailable(
                 "the broker did not confirm the subscription in time; retry".into(),
             ))
+        }
+    }
+
+    // Presence after the subscription and before the history marks: a stream resuming from a
+    // snapshot's id sees its own join; one starting fresh starts after it.
+    if let Some(presence) = &state.presence {
+        let tracked: Vec<String> = guard
+            .channels()
+            .iter()
+            .filter(|c| config.is_presence_channel(c))
+            .cloned()
+            .collect();
+        if !tracked.is_empty() {
+            let entry = Entry::new(presence.clone(), tracked, &guard.sub.info.sub, stream_id);
+            let joined = entry.join().await;
+            guard.track_presence(entry);
+            joined.map_err(|e| ApiError::backend("presence could not be recorded", e))?;
         }
     }
 
@@ -218,6 +247,7 @@ async fn open<B>(
                 guard.channels(),
                 last_event_id.as_deref(),
                 config.max_event_bytes,
+                wants_presence,
             )
             .await
             .map_err(|e| ApiError::backend("history could not be read", e))?;

@@ -27,7 +27,7 @@ where
 {
     let cors_config = state.config.cors_origins.as_ref();
     let path_method = match req.uri().path() {
-        "/events" => Some("GET"),
+        "/events" | "/presence" => Some("GET"),
         "/publish" | "/disconnect" => Some("POST"),
         _ => None,
     };
@@ -52,7 +52,11 @@ where
                 cors::apply(cors_config, grant, &mut refused);
                 return refused;
             };
-            crate::http::events::events(&state, req, connection).await
+            if req.uri().path() == "/presence" {
+                crate::http::presence::presence(&state, req).await
+            } else {
+                crate::http::events::events(&state, req, connection).await
+            }
         }
         _ if req.uri().path() == "/disconnect" => {
             crate::http::disconnect::disconnect(&state, req).await

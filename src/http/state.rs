@@ -8,11 +8,25 @@ use crate::auth::Verifier;
 use crate::backends::broker::Broker;
 use crate::backends::history::History;
 use crate::backends::limits::Limiter;
+use crate::backends::presence::Presence;
 use crate::config::Config;
 use crate::core::hub::Hub;
 use crate::http::diagnostics::Rejections;
 use crate::http::error::ApiError;
 use crate::http::request::{request_token, TokenSources};
+
+/// The state a replica keeps outside itself, in memory or in Redis, as the composition root
+/// picked it.
+pub struct Backends {
+    /// Cross-replica event transport.
+    pub broker: Arc<dyn Broker>,
+    /// Per-user slots.
+    pub limiter: Arc<dyn Limiter>,
+    /// Durable events; `None` when `SSE_GATEWAY_HISTORY_SIZE` is 0.
+    pub history: Option<Arc<dyn History>>,
+    /// Members of presence channels; `None` without `SSE_GATEWAY_PRESENCE_CHANNELS`.
+    pub presence: Option<Arc<dyn Presence>>,
+}
 
 /// The replica's shared state.
 pub struct AppState {
@@ -28,6 +42,8 @@ pub struct AppState {
     pub limiter: Arc<dyn Limiter>,
     /// Durable events, when history is on.
     pub history: Option<Arc<dyn History>>,
+    /// Members of presence channels, when `SSE_GATEWAY_PRESENCE_CHANNELS` names any.
+    pub presence: Option<Arc<dyn Presence>>,
     /// This replica's id (in the Redis registry, slot names and diagnostics).
     pub replica_id: String,
     /// Recent refusals.
@@ -47,12 +63,16 @@ impl AppState {
     pub fn new(
         config: Config,
         hub: Arc<Hub>,
-        broker: Arc<dyn Broker>,
+        backends: Backends,
         verifier: Verifier,
-        limiter: Arc<dyn Limiter>,
-        history: Option<Arc<dyn History>>,
         replica_id: String,
     ) -> Self {
+        let Backends {
+            broker,
+            limiter,
+            history,
+            presence,
+        } = backends;
         Self {
             handshakes: tokio::sync::Semaphore::new(config.max_pending_handshakes),
             config,
@@ -61,6 +81,7 @@ impl AppState {
             verifier,
             limiter,
             history,
+            presence,
             replica_id,
             rejections: Rejections::default(),
             draining: AtomicBool::new(false),

@@ -23,13 +23,13 @@ use redis::{Script, Value};
 use super::{History, HistoryError, HistorySettings, Page, Stored};
 use crate::backends::redis::{deadline, Commands as Pool, Failure};
 use crate::core::channel::MAX_CHANNEL_BYTES;
-use crate::core::event::{MAX_EVENT_NAME_BYTES, RESERVED_PREFIX};
+use crate::core::event::{MAX_EVENT_NAME_BYTES, PRESENCE_MARKER, RESERVED_PREFIX};
 use crate::core::position::{DurableKey, Mark, Position, DURABLE_MARKER, NO_EPOCH};
 
 /// The version of `library.lua`. Replicas never replace a library whose version is higher, so
 /// an old replica restarting mid-rollout cannot take newer code away from newer replicas; each
 /// version accepts every older caller's arguments.
-pub const LIBRARY_VERSION: i64 = 2;
+pub const LIBRARY_VERSION: i64 = 3;
 
 /// Where the key is agreed when no library holds one yet (one slot, `{gateway}`).
 fn agreed_key_name(prefix: &str) -> String {
@@ -46,6 +46,7 @@ struct LibraryInner {
     prefix: String,
     name: String,
     function: String,
+    presence: String,
     info: String,
     defaults: (u64, u128, usize),
 }
@@ -60,6 +61,7 @@ impl Library {
             pool,
             name: format!("sse_gateway_{function}"),
             info: format!("{function}_info"),
+            presence: presence_function_name(&prefix),
             function,
             prefix,
             defaults: (
@@ -91,8 +93,10 @@ impl Library {
                 lua_string(l.pool.topology().publish_command().as_bytes()),
             ),
             ("FUNCTION", lua_string(l.function.as_bytes())),
+            ("PRESENCE", lua_string(l.presence.as_bytes())),
             ("INFO", lua_string(l.info.as_bytes())),
             ("MARKER", lua_string(DURABLE_MARKER)),
+            ("PRESENCE_MARKER", lua_string(PRESENCE_MARKER)),
             ("MAX_EVENT_NAME_BYTES", MAX_EVENT_NAME_BYTES.to_string()),
             ("RESERVED_PREFIX", lua_string(RESERVED_PREFIX.as_bytes())),
             ("MAX_CHANNEL_BYTES", MAX_CHANNEL_BYTES.to_string()),
@@ -103,6 +107,11 @@ impl Library {
         }
         out.push_str(include_str!("library.lua"));
         out
+    }
+
+    /// The presence function's name (`FCALL <it> 1 {<prefix><channel>} <op> …`).
+    pub fn presence_function(&self) -> &str {
+        &self.0.presence
     }
 
     /// The version and key of the library in place: `None` when there is none, or only one
@@ -227,6 +236,12 @@ pub fn function_name(prefix: &str) -> String {
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
     format!("{}_publish", cleaned.trim_matches('_'))
+}
+
+/// The name of the presence function beside it: `sse_presence` for `sse:`.
+pub fn presence_function_name(prefix: &str) -> String {
+    let publish = function_name(prefix);
+    format!("{}_presence", publish.trim_end_matches("_publish"))
 }
 
 /// A Lua string literal holding exactly `bytes`: printable ASCII as is (but `'` and `\\`),
@@ -511,5 +526,6 @@ mod tests {
     fn function_names_follow_the_prefix() {
         assert_eq!(function_name("sse:"), "sse_publish");
         assert_eq!(function_name("app:events:"), "app_events_publish");
+        assert_eq!(presence_function_name("sse:"), "sse_presence");
     }
 }

@@ -162,6 +162,21 @@ impl RedisLimiter {
     pub fn replica_id(&self) -> &str {
         &self.inner.replica
     }
+
+    /// The last copy of the registry: when it was read (ms, Redis clock) and every replica's
+    /// lease expiry. Kept current by the lease upkeep (every lease/3), so a live replica never
+    /// looks expired in it; presence uses it to leave dead replicas' streams out.
+    pub fn leases(&self) -> (i64, Vec<(String, i64)>) {
+        let l = self.inner.cached_leases();
+        (l.read_at, l.expiries)
+    }
+
+    /// Reads the registry now (what a destructive step, such as sweeping a dead replica's
+    /// presence, must be judged by), with how old (ms) such a read may be when it is used.
+    pub async fn fresh_leases(&self) -> Result<(i64, Vec<(String, i64)>, i64), Failure> {
+        let l = self.inner.read_registry().await?;
+        Ok((l.read_at, l.expiries, self.inner.fresh_for_ms()))
+    }
 }
 
 impl Inner {

@@ -25,6 +25,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::backends::broker::Broker;
 use crate::backends::limits::Slot;
+use crate::backends::presence::Entry;
 use crate::core::frame;
 use crate::core::hub::{CloseReason, Hub, Queued, Subscriber};
 use crate::http::stream::resume::{gap_frame, Fold, Replayer, Tracker};
@@ -42,6 +43,8 @@ pub struct StreamGuard {
     pub sub: Arc<Subscriber>,
     hub: Arc<Hub>,
     broker: Arc<dyn Broker>,
+    /// The stream's presence entries, removed (leaves) when the guard's fields drop.
+    presence: Option<Entry>,
     /// Released after the subscriptions, when the guard's fields drop.
     _slot: Slot,
 }
@@ -61,10 +64,16 @@ impl StreamGuard {
                 sub,
                 hub,
                 broker,
+                presence: None,
                 _slot: slot,
             },
             first,
         )
+    }
+
+    /// Hands the stream's presence entries to the guard: whatever ends the stream removes them.
+    pub fn track_presence(&mut self, entry: Entry) {
+        self.presence = Some(entry);
     }
 
     /// The stream's channels.

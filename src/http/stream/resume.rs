@@ -17,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 
 use crate::backends::history::{History, HistoryError, Page, PAGE, PAGE_BYTES};
-use crate::core::event::parse_payload;
+use crate::core::event::parse_stored;
 use crate::core::frame;
 use crate::core::position::{Cursor, Mark, NO_EPOCH};
 use crate::metrics as m;
@@ -95,17 +95,26 @@ fn write_stored(
     mark: &Mark,
     payload: &[u8],
     max_event_bytes: usize,
+    presence: bool,
 ) {
     if let Fold::New { gap } = tracker.fold(channel, mark) {
         if gap {
             out.extend_from_slice(&gap_frame("history_lost"));
         }
-        match parse_payload(payload, max_event_bytes).map(|e| frame::encode_open(&e)) {
-            Ok(Ok(bytes)) => {
-                out.extend_from_slice(&bytes);
-                out.extend_from_slice(&tracker.id_line(None));
-            }
-            _ => {
+        match parse_stored(payload, max_event_bytes) {
+            // A join or leave for a stream that did not ask for them: passed over (the cursor
+            // moved past it, and the next event's id carries that).
+            Ok((_, true)) if !presence => {}
+            Ok((event, _)) => match frame::encode_open(&event) {
+                Ok(bytes) => {
+                    out.extend_from_slice(&bytes);
+                    out.extend_from_slice(&tracker.id_line(None));
+                }
+                Err(_) => {
+                    metrics::counter!(m::EVENTS_DROPPED, "reason" => "invalid").increment(1);
+                }
+            },
+            Err(_) => {
                 metrics::counter!(m::EVENTS_DROPPED, "reason" => "invalid").increment(1);
             }
         }
@@ -119,6 +128,7 @@ fn write_page(
     channel: &str,
     page: &Page,
     max_event_bytes: usize,
+    presence: bool,
 ) -> Option<Mark> {
     let mut last = None;
     for e in &page.events {
@@ -126,7 +136,15 @@ fn write_page(
             epoch: page.epoch.clone(),
             pos: e.pos,
         };
-        write_stored(out, tracker, channel, &mark, &e.payload, max_event_bytes);
+        write_stored(
+            out,
+            tracker,
+            channel,
+            &mark,
+            &e.payload,
+            max_event_bytes,
+            presence,
+        );
         last = Some(mark);
     }
     last
@@ -139,6 +157,8 @@ pub struct Replayer {
     todo: VecDeque<(usize, Mark)>,
     fetching: Option<(usize, BoxFuture<'static, Result<Page, HistoryError>>)>,
     max_event_bytes: usize,
+    /// The stream asked for joins and leaves.
+    presence: bool,
 }
 
 impl Replayer {
@@ -177,7 +197,14 @@ impl Replayer {
                 }
             };
             let mut out = BytesMut::new();
-            let last = write_page(&mut out, tracker, &channel, &page, self.max_event_bytes);
+            let last = write_page(
+                &mut out,
+                tracker,
+                &channel,
+                &page,
+                self.max_event_bytes,
+                self.presence,
+            );
             if page.more {
                 if let Some(mark) = last {
                     self.todo.push_front((idx, mark));
@@ -203,11 +230,13 @@ pub struct Resumed {
 
 /// Works out where a stream starts. With `last_event_id`, the gap (if any) and the first page of
 /// each channel's missed events; without, the current marks, sent as the first `id:`.
+/// `presence`: the stream asked for joins and leaves (`?presence=1`).
 pub async fn start(
     history: Arc<dyn History>,
     channels: &[String],
     last_event_id: Option<&str>,
     max_event_bytes: usize,
+    presence: bool,
 ) -> Result<Resumed, HistoryError> {
     let now = history.marks(channels.to_vec()).await?;
     let names: Arc<[Arc<str>]> = channels.iter().map(|c| Arc::from(c.as_str())).collect();
@@ -272,6 +301,7 @@ pub async fn start(
         todo,
         fetching: None,
         max_event_bytes,
+        presence,
     });
     Ok(Resumed {
         tracker,
