@@ -280,7 +280,8 @@ local function presence(keys, args)
     local any_dead = false
     local reps = redis.call('HGETALL', tag .. ':reps')
     for i = 1, #reps, 2 do
-      if not expiry[reps[i]] or expiry[reps[i]] <= now then
+      -- A replica the caller's copy does not know yet registered after it was read: live.
+      if expiry[reps[i]] and expiry[reps[i]] <= now then
         dead[reps[i]] = true
         any_dead = true
       end
