@@ -14,6 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::backends::limits::redis::{admin_key, registry_key, slots_key};
+use crate::backends::presence::redis::channel_key;
 
 /// What to inspect.
 pub struct Query {
@@ -102,6 +103,77 @@ async fn zrange_with_scores(
         .query_async(conn)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Most members `inspect --channel` lists.
+const MEMBERS_SHOWN: usize = 1000;
+
+/// A presence channel's members as Redis holds them: users with their stream counts, leaves
+/// pending, and entries per replica (with whether that replica's lease still holds).
+async fn presence_report(
+    conn: &mut crate::backends::redis::Conn,
+    prefix: &str,
+    channel: &str,
+    replicas: &HashMap<String, Replica>,
+    now_ms: i64,
+) -> Result<String, String> {
+    let key = |what| channel_key(prefix, channel, what);
+    let users: Vec<(String, i64)> = redis::cmd("HGETALL")
+        .arg(key("users"))
+        .query_async(conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    let away = zrange_with_scores(conn, &key("away")).await?;
+    let reps: Vec<(String, i64)> = redis::cmd("HGETALL")
+        .arg(key("reps"))
+        .query_async(conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    if users.is_empty() && away.is_empty() {
+        return Ok(
+            "  presence: no members (nobody is on it, or it is not a presence channel)\n".into(),
+        );
+    }
+    let entries: i64 = users.iter().map(|(_, n)| n).sum();
+    let mut out = format!(
+        "  presence: {} user(s) with {entries} stream(s), {} leave(s) pending\n",
+        users.len(),
+        away.len()
+    );
+    for (id, n) in &reps {
+        let state = match replicas.get(id) {
+            Some(r) if r.expiry_ms > now_ms => "live".to_string(),
+            Some(r) => format!(
+                "lease EXPIRED {} ago: not counted, swept by a live replica",
+                secs(now_ms - r.expiry_ms)
+            ),
+            None => "UNKNOWN to the registry: not counted".to_string(),
+        };
+        out.push_str(&format!("    replica {id}: {n} entr(ies), {state}\n"));
+    }
+    let mut members: Vec<(String, String)> = users
+        .into_iter()
+        .map(|(sub, n)| (sub, format!("{n} stream(s)")))
+        .chain(away.into_iter().map(|(sub, due)| {
+            let left = due as i64 - now_ms;
+            (
+                sub,
+                format!(
+                    "no stream; leave announced in {} unless back",
+                    secs(left.max(0))
+                ),
+            )
+        }))
+        .collect();
+    members.sort();
+    let total = members.len();
+    for (sub, what) in members.iter().take(MEMBERS_SHOWN) {
+        out.push_str(&format!("    member {sub:?}: {what}\n"));
+    }
+    if total > MEMBERS_SHOWN {
+        out.push_str(&format!("    … and {} more\n", total - MEMBERS_SHOWN));
+    }
+    Ok(out)
 }
 
 /// Runs the inspection and returns the report.
@@ -236,6 +308,7 @@ pub async fn run(redis_url: &str, prefix: &str, q: &Query) -> Result<String, Str
         out.push_str(&format!(
             "\nchannel {channel:?}: {numsub} replica(s) subscribed to {prefix}{channel} (PUBSUB NUMSUB)\n"
         ));
+        out.push_str(&presence_report(&mut conn, prefix, channel, &replicas, now_ms).await?);
         let mut ids: Vec<&String> = replicas.keys().collect();
         ids.sort();
         for id in ids {

@@ -497,3 +497,70 @@ async fn presence_without_history_is_refused_at_start() {
     .expect("refused");
     assert!(logs.contains("SSE_GATEWAY_PRESENCE_CHANNELS"), "{logs}");
 }
+
+#[tokio::test]
+async fn inspect_shows_a_channels_members_and_pending_leaves() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let a = Gateway::start(&redis_settings(&url, "30", "30"));
+    let b = Gateway::start(&redis_settings(&url, "30", "30"));
+    a.wait_ready(true, T).await;
+    b.wait_ready(true, T).await;
+    let _alice1 = open(&a, ROOM, "alice", false).await;
+    let _alice2 = open(&b, ROOM, "alice", false).await;
+    let bob = open(&b, ROOM, "bob", false).await;
+    drop(bob);
+    // Bob's leave is pending (30 s grace) once the replica has noticed the close.
+    let deadline = Instant::now() + T;
+    let report = loop {
+        let report = stdout_of(
+            std::process::Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
+                .env_remove("SSE_GATEWAY_JWT_SECRET")
+                .args(["--redis-url", &url, "inspect", "--channel", ROOM]),
+        );
+        if report.contains("1 leave(s) pending") || Instant::now() > deadline {
+            break report;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        report.contains("presence: 1 user(s) with 2 stream(s), 1 leave(s) pending"),
+        "{report}"
+    );
+    assert!(report.contains("member \"alice\": 2 stream(s)"), "{report}");
+    assert!(
+        report.contains("member \"bob\": no stream; leave announced in"),
+        "{report}"
+    );
+    assert_eq!(report.matches("entr(ies), live").count(), 2, "{report}");
+}
+
+#[tokio::test]
+async fn members_come_back_after_redis_restarts_empty() {
+    let mut redis = Redis::start();
+    let url = redis.url();
+    // Lease 3 s: entries are re-asserted every two leases.
+    let a = Gateway::start(&redis_settings(&url, "1", "3"));
+    let b = Gateway::start(&redis_settings(&url, "1", "3"));
+    a.wait_ready(true, T).await;
+    b.wait_ready(true, T).await;
+    let _alice = open(&a, ROOM, "alice", false).await;
+    let _bob = open(&b, ROOM, "bob", false).await;
+    assert_eq!(snapshot(&a, ROOM).await["users"], 2);
+    redis.restart();
+    a.wait_ready(true, T).await;
+    b.wait_ready(true, T).await;
+    // Streams stayed open; within two leases (plus a renewal) both users are listed again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let snap = snapshot(&b, ROOM).await;
+        if members(&snap) == vec![("alice".into(), 1), ("bob".into(), 1)] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "members did not come back after Redis restarted empty: {snap}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -70,6 +70,8 @@ start() {
   export SSE_GATEWAY_REDIS_URL="redis://127.0.0.1:$redis_port"
   # The demo page keeps its token in this cookie, never in a URL.
   export SSE_GATEWAY_AUTH_COOKIE=sse_token
+  # Rooms track who is on them (the chat page).
+  export SSE_GATEWAY_PRESENCE_CHANNELS='room:*'
 
   for i in 1 2 3; do
     SSE_GATEWAY_LISTEN="127.0.0.1:$((port + i))" \
@@ -109,12 +111,16 @@ CONF
   [ "$code" = "404" ] || { echo "run.sh: nginx did not come up; see $dir/nginx-error.log" >&2; exit 1; }
 
   token=$("$bin" token --sub demo --channel demo --ttl 24h)
+  chat=$("$bin" token --sub "guest-$$" --channel 'room:*' --ttl 24h)
+  poster=$("$bin" token --publish 'room:*' --ttl 24h)
   cat <<TXT
 sse-gateway is running: nginx on http://127.0.0.1:$port, replicas on ports $((port + 1))-$((port + 3)),
 admin ports $((port + 1001))-$((port + 1003)), Redis on $redis_port. State and logs: $dir
 
 Watch it in a browser:
   http://127.0.0.1:$port/demo/#channel=demo&token=$token
+A chat room with who is online (open it in two browsers, or add a second tab):
+  http://127.0.0.1:$port/demo/chat.html#channel=room:lobby&token=$chat&publish=$poster
 Stream (through nginx):
   curl -N -H 'Authorization: Bearer $token' 'http://127.0.0.1:$port/events?channel=demo'
 Publish, fire-and-forget:

@@ -213,6 +213,17 @@ local function drop_entry(tag, member, sub, grace_ms, now)
   end
 end
 
+-- Adds one entry; a join when it is its user's first and no leave of theirs was pending.
+-- The join's { epoch, id }, or nil.
+local function add_entry(tag, channel, member, sub, maxlen, ttl_ms)
+  if redis.call('HSETNX', tag .. ':members', member, sub) == 0 then return nil end
+  redis.call('HINCRBY', tag .. ':reps', string.match(member, '^([^:]+):'), 1)
+  if redis.call('HINCRBY', tag .. ':users', sub, 1) > 1 then return nil end
+  -- Back within the grace: the pending leave is withdrawn, and nobody saw them go.
+  if redis.call('ZREM', tag .. ':away', sub) == 1 then return nil end
+  return presence_event(tag, channel, 'join', sub, maxlen, ttl_ms)
+end
+
 local function presence(keys, args)
   local tag = keys[1]
   local channel = channel_of(tag)
@@ -230,18 +241,24 @@ local function presence(keys, args)
   local users = tag .. ':users'
   local away = tag .. ':away'
   local now = now_ms()
-  if op == 'join' then
-    local member, sub = args[5], args[6]
-    if not member or not sub or not string.find(member, '^[^:]+:') then
-      return redis.error_reply('ERR join takes <replica>:<stream> and the sub')
+  if op == 'join' or op == 'reassert' then
+    -- join: one entry (ARGV[5] member, ARGV[6] sub); reassert: pairs of them, put back after
+    -- Redis lost them (a restart, a failover), joins told for users who are back this way.
+    -- Returns { joins, epoch, id } (the last join's position, when there was one).
+    local joins, mark = 0, nil
+    for i = 5, #args, 2 do
+      local member, sub = args[i], args[i + 1]
+      if not sub or not string.find(member, '^[^:]+:') then
+        return redis.error_reply('ERR ' .. op .. ' takes pairs of <replica>:<stream> and sub')
+      end
+      local m = add_entry(tag, channel, member, sub, maxlen, ttl_ms)
+      if m then
+        joins = joins + 1
+        mark = m
+      end
     end
-    if redis.call('HSETNX', members, member, sub) == 0 then return { 0 } end
-    redis.call('HINCRBY', tag .. ':reps', string.match(member, '^([^:]+):'), 1)
-    if redis.call('HINCRBY', users, sub, 1) > 1 then return { 0 } end
-    -- Back within the grace: the pending leave is withdrawn, and nobody saw them go.
-    if redis.call('ZREM', away, sub) == 1 then return { 0 } end
-    local mark = presence_event(tag, channel, 'join', sub, maxlen, ttl_ms)
-    return { 1, mark[1], mark[2] }
+    if mark then return { joins, mark[1], mark[2] } end
+    return { joins }
   elseif op == 'leave' then
     local member = args[5]
     local sub = member and redis.call('HGET', members, member)
@@ -319,7 +336,7 @@ local function presence(keys, args)
     end
     return out
   end
-  return redis.error_reply('ERR unknown presence operation; use join, leave, settle, sweep or snapshot')
+  return redis.error_reply('ERR unknown presence operation; use join, reassert, leave, settle, sweep or snapshot')
 end
 
 local function info(keys, args)

@@ -17,6 +17,8 @@
 //!   sweeps that replica if it dies first: a leave is told once, late at worst, never lost.
 //! - A leave that cannot reach Redis is kept and sent again; a member of a stream that never
 //!   joined is a no-op, so the entry can own the leave before the join is sent.
+//! - Every two leases a replica re-asserts its entries (idempotent), so presence that Redis
+//!   lost in a restart or failover comes back without the clients doing anything.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -58,8 +60,8 @@ struct Inner {
     maxlen: String,
     ttl_ms: String,
     grace_ms: String,
-    /// Entries this replica holds, per channel.
-    local: Mutex<HashMap<String, usize>>,
+    /// Entries this replica holds: channel -> stream -> sub.
+    local: Mutex<HashMap<String, HashMap<u64, String>>>,
     /// Channels in this replica's set in Redis (added before any entry or due needs it).
     owned: Mutex<HashSet<String>>,
     /// Settle timers armed here: channel -> when (local clock).
@@ -374,6 +376,59 @@ impl Inner {
         Ok(())
     }
 
+    /// Puts this replica's entries back where Redis lost them (a restart, a failover to a replica
+    /// that had not seen the writes): one call per channel and chunk, a join told for a user who
+    /// reappears this way. An entry whose stream left while the call was on its way is removed
+    /// again afterwards, so a reassert never leaves a member behind.
+    async fn reassert(self: &Arc<Self>) -> Result<(), Failure> {
+        const CHUNK: usize = 500;
+        let snapshot: Vec<(String, Vec<(u64, String)>)> = lock(&self.local)
+            .iter()
+            .map(|(c, streams)| {
+                (
+                    c.clone(),
+                    streams.iter().map(|(k, v)| (*k, v.clone())).collect(),
+                )
+            })
+            .collect();
+        let mut joins = 0;
+        for (channel, streams) in snapshot {
+            self.own(&channel).await?;
+            for chunk in streams.chunks(CHUNK) {
+                let mut args = Vec::with_capacity(chunk.len() * 2);
+                for (stream, sub) in chunk {
+                    args.push(self.member(*stream));
+                    args.push(sub.clone());
+                }
+                let reply = self.call(&channel, "reassert", &args).await?;
+                joins += reply.first().and_then(int).unwrap_or(0);
+                let gone: Vec<u64> = {
+                    let local = lock(&self.local);
+                    let now = local.get(&channel);
+                    chunk
+                        .iter()
+                        .filter(|(stream, _)| !now.is_some_and(|m| m.contains_key(stream)))
+                        .map(|(stream, _)| *stream)
+                        .collect()
+                };
+                for stream in gone {
+                    let member = self.member(stream);
+                    if self.leave(&channel, &member).await.is_err() {
+                        lock(&self.pending).push((channel.clone(), member));
+                    }
+                }
+            }
+        }
+        if joins > 0 {
+            metrics::counter!(m::PRESENCE_EVENTS, "kind" => "join").increment(joins as u64);
+            tracing::warn!(
+                joins,
+                "presence entries Redis had lost were put back (a restart or failover lost them); those users were announced again"
+            );
+        }
+        Ok(())
+    }
+
     /// Takes channels this replica neither holds entries on nor owes a leave to out of its set;
     /// one that gained an entry meanwhile is put back.
     async fn prune(self: &Arc<Self>) -> Result<(), Failure> {
@@ -416,7 +471,8 @@ impl Inner {
     }
 }
 
-/// Every third of a lease: retries leaves that failed, sweeps dead replicas, prunes the set.
+/// Every third of a lease: retries leaves that failed and sweeps dead replicas; every two leases
+/// puts back entries Redis lost; every three prunes this replica's set of channels.
 async fn upkeep(weak: Weak<Inner>, lease: Duration) {
     let every = (lease / 3).max(Duration::from_millis(200));
     let mut ticks = 0u64;
@@ -428,6 +484,13 @@ async fn upkeep(weak: Weak<Inner>, lease: Duration) {
         if let Err(e) = inner.sweep_dead().await {
             metrics::counter!(m::PRESENCE_ERRORS, "op" => "sweep").increment(1);
             tracing::warn!("sweeping dead replicas' presence failed: {e}; retrying in {every:?}");
+        }
+        // Every two leases, like the limiter's reconciliation.
+        if ticks.is_multiple_of(6) {
+            if let Err(e) = inner.reassert().await {
+                metrics::counter!(m::PRESENCE_ERRORS, "op" => "reassert").increment(1);
+                tracing::warn!("re-asserting presence entries failed: {e}; retrying in two leases");
+            }
         }
         if ticks.is_multiple_of(9) {
             if let Err(e) = inner.prune().await {
@@ -446,7 +509,10 @@ impl Presence for RedisPresence {
     ) -> BoxFuture<'static, Result<(), PresenceError>> {
         let inner = self.inner.clone();
         let (channel, sub) = (channel.to_string(), sub.to_string());
-        *lock(&inner.local).entry(channel.clone()).or_insert(0) += 1;
+        lock(&inner.local)
+            .entry(channel.clone())
+            .or_default()
+            .insert(stream, sub.clone());
         metrics::gauge!(m::PRESENCE_ENTRIES).increment(1.0);
         async move {
             inner.join(&channel, &sub, stream).await.map_err(|e| {
@@ -461,9 +527,9 @@ impl Presence for RedisPresence {
         let inner = self.inner.clone();
         {
             let mut local = lock(&inner.local);
-            if let Some(n) = local.get_mut(channel) {
-                *n -= 1;
-                if *n == 0 {
+            if let Some(streams) = local.get_mut(channel) {
+                streams.remove(&stream);
+                if streams.is_empty() {
                     local.remove(channel);
                 }
             }
