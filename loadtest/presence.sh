@@ -6,8 +6,10 @@
 #   loadtest/presence.sh               # 3 rounds of 10 s each way
 #   ROUNDS=5 SECS=20 loadtest/presence.sh
 #
-# Every connect is also a close (churn closes each stream once its first bytes are in), so the
-# per-connect figures hold one join and one leave on the presence channel.
+# Every connect is also a close (churn closes each stream once its first bytes are in), so on
+# the presence channel with a new user per connect (the worst case) each connect is one join and
+# one leave; with returning users (`+returning`: each loop reconnects as its own user within the
+# grace, as after a reconnect storm) it is the bookkeeping alone.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -35,7 +37,6 @@ tool=$root/target/release/sse-loadtest
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
   --logfile "$dir/redis.log" &
 pids+=($!)
-redis_pid=$!
 for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
 
 SSE_GATEWAY_REDIS_URL="redis://127.0.0.1:$redis_port" \
@@ -65,14 +66,17 @@ presence_events() {
 printf '| round | channel | connects/s | p99 connect (ms) | gateway CPU per connect (µs) | Redis CPU per connect (µs) | joins + leaves told |\n'
 printf '|---|---|---|---|---|---|---|\n'
 for round in $(seq 1 "$rounds"); do
-  for channel in load room:churn; do
+  for variant in load room:churn room:churn+returning; do
+    channel=${variant%+returning}
+    extra=()
+    [ "$variant" = "$channel" ] || extra=(--returning-users)
     g0=$(cpu_of "$gw_pid"); r0=$(redis_cpu); e0=$(presence_events)
     "$tool" churn --targets "127.0.0.1:$port" --concurrency "$concurrency" --secs "$secs" \
-      --channel "$channel" --json "$dir/churn.json" >"$dir/churn.out" 2>&1
+      --channel "$channel" "${extra[@]}" --json "$dir/churn.json" >"$dir/churn.out" 2>&1
     # Leaves fall due a grace after the last close: let them be told before reading.
     [ "$channel" = load ] || sleep 6
     g1=$(cpu_of "$gw_pid"); r1=$(redis_cpu); e1=$(presence_events)
-    python3 - "$dir/churn.json" "$g0" "$g1" "$r0" "$r1" "$e0" "$e1" "$round" "$channel" "$secs" <<'PY'
+    python3 - "$dir/churn.json" "$g0" "$g1" "$r0" "$r1" "$e0" "$e1" "$round" "$variant" "$secs" <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))
 g0, g1, r0, r1 = map(float, sys.argv[2:6])

@@ -367,3 +367,119 @@ async fn a_browser_through_nginx_resumes_by_itself_when_its_replica_dies() {
     let _ = redis.kill();
     let _ = redis.wait();
 }
+
+/// The chat page (deploy/demo/chat.html) in a real browser through nginx: it lists who is
+/// here from `GET /presence`, follows joins and leaves from the snapshot's id, and shows
+/// messages — with a second user arriving and leaving on another replica.
+#[tokio::test]
+async fn the_chat_page_shows_who_is_in_the_room() {
+    let (mut local, base, redis_port) = Local::new();
+    local
+        .env
+        .push(("SSE_GATEWAY_PRESENCE_LEAVE_GRACE_SECS".into(), "1".into()));
+    let dir = local.dir.clone();
+    let out = local.run("start");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        printed.contains("/demo/chat.html#channel=room:lobby"),
+        "{printed}"
+    );
+    let secret = std::fs::read_to_string(dir.join("jwt-secret")).unwrap();
+    let mint = |sub: &str| {
+        token_with(
+            serde_json::json!({"sub": sub, "exp": now() + 600, "channels": ["room:*"]}),
+            secret.trim(),
+        )
+    };
+    let nginx: SocketAddr = format!("127.0.0.1:{base}").parse().unwrap();
+    // Someone is already in the room when the page opens.
+    let mut carol = SseClient::open(nginx, "/events?channel=room:lobby", Some(&mint("carol")))
+        .await
+        .unwrap();
+    carol.wait_id(T).await;
+
+    let reports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let report_port = page_server(String::new(), reports.clone()).await;
+    let url = format!(
+        "http://127.0.0.1:{base}/demo/chat.html#channel=room:lobby&token={}&report=http://127.0.0.1:{report_port}/r",
+        mint("ann")
+    );
+    let mut browser = chromium(&dir.join("chromium"))
+        .arg(&url)
+        .spawn()
+        .expect("Chromium (scripts/test.sh installs it)");
+    // The page reports `members=<subs>&log=<lines joined by |>` after every change.
+    let decode = |report: &str| -> (String, String) {
+        let mut members = String::new();
+        let mut log = String::new();
+        for (k, v) in form_urlencoded::parse(report.as_bytes()) {
+            match &*k {
+                "members" => members = v.into_owned(),
+                "log" => log = v.into_owned(),
+                _ => {}
+            }
+        }
+        (members, log)
+    };
+    let wait_for = |want: &'static str| {
+        let reports = reports.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let seen = reports.lock().unwrap().clone();
+                if let Some(hit) = seen.iter().map(|r| decode(r)).find(|(m, _)| m == want) {
+                    return hit;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the page never listed {want}; reports: {seen:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    // The page joined from the snapshot: carol (already here) and ann (its own join, replayed
+    // from the snapshot's id).
+    wait_for("ann,carol").await;
+    let mut bob = SseClient::open(nginx, "/events?channel=room:lobby", Some(&mint("bob")))
+        .await
+        .unwrap();
+    bob.wait_id(T).await;
+    wait_for("ann,bob,carol").await;
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{redis_port}"))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: Vec<String> = redis::cmd("FCALL")
+        .arg("sse_publish")
+        .arg(1)
+        .arg("{sse:room:lobby}")
+        .arg("bob: hello")
+        .query(&mut conn)
+        .unwrap();
+    drop(bob);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let log = loop {
+        let seen = reports.lock().unwrap().clone();
+        if let Some((_, log)) = seen
+            .iter()
+            .map(|r| decode(r))
+            .find(|(m, log)| m == "ann,carol" && log.ends_with("bob left"))
+        {
+            break log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the page never showed bob leaving; reports: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(log, "ann joined|bob joined|bob: hello|bob left");
+    let _ = browser.kill();
+    let _ = browser.wait();
+}

@@ -49,6 +49,9 @@ pub(crate) struct ClientConfig {
     /// This process takes streams `i` with `i % count == index`.
     pub(crate) index: usize,
     pub(crate) count: usize,
+    /// Churn: each loop reconnects as the same user instead of a new one every time.
+    #[serde(default)]
+    pub(crate) returning_users: bool,
 }
 
 impl ClientConfig {
@@ -377,8 +380,14 @@ async fn churn_worker(
     let target = cfg.targets[id % cfg.targets.len()];
     let mut k = 0u64;
     while stop.borrow().is_none() {
-        // Each connect is a new user, so the per-user limit never refuses it.
-        let token = mint(&cfg.secret, &format!("churn-{id}-{k}"), &cfg.channel);
+        // Each connect is a new user, so the per-user limit never refuses it; or, for returning
+        // users, the loop's own user, who closed their previous stream before this connect.
+        let sub = if cfg.returning_users {
+            format!("churn-{id}")
+        } else {
+            format!("churn-{id}-{k}")
+        };
+        let token = mint(&cfg.secret, &sub, &cfg.channel);
         k += 1;
         let t0 = Instant::now();
         match open(target, source, &token, &cfg.channel, None).await {

@@ -76,6 +76,10 @@ enum Scenario {
         /// How long to run, in seconds.
         #[arg(long, default_value_t = 10)]
         secs: u64,
+        /// Each loop reconnects as the same user (a returning client) instead of a new user
+        /// every time: what a reconnect costs with per-user state (presence) already in place.
+        #[arg(long)]
+        returning_users: bool,
     },
     /// Durable numbered events to N streams that reconnect with Last-Event-ID when cut: checks
     /// every client got every event once and in order, or an honest `gateway.gap`.
@@ -270,6 +274,7 @@ impl Common {
             reconnect_jitter_ms: 500,
             index: 0,
             count: 1,
+            returning_users: false,
         }
     }
 
@@ -465,13 +470,20 @@ async fn streaming(
     Ok(report)
 }
 
-async fn churn(common: Common, concurrency: usize, secs: u64) -> Result<Report, String> {
+async fn churn(
+    common: Common,
+    concurrency: usize,
+    secs: u64,
+    returning_users: bool,
+) -> Result<Report, String> {
     let mut report = common.report(
         "churn",
-        serde_json::json!({ "concurrency": concurrency, "secs": secs }),
+        serde_json::json!({ "concurrency": concurrency, "secs": secs, "returning_users": returning_users }),
     );
     report.streams_requested = 0;
-    let fleet = Fleet::start(common.clients(Plan::Churn, concurrency), common.workers)?;
+    let mut clients = common.clients(Plan::Churn, concurrency);
+    clients.returning_users = returning_users;
+    let fleet = Fleet::start(clients, common.workers)?;
     fleet.ready().await;
     tokio::time::sleep(Duration::from_secs(secs)).await;
     let (_, agg) = fleet.stop(0).await;
@@ -588,7 +600,8 @@ async fn run(command: Scenario) -> Result<bool, String> {
             common,
             concurrency,
             secs,
-        } => churn(common, concurrency, secs).await?,
+            returning_users,
+        } => churn(common, concurrency, secs, returning_users).await?,
         Scenario::Audit {
             common,
             durable,
