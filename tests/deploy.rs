@@ -168,6 +168,11 @@ async fn an_event_reaches_clients_on_different_replicas_through_nginx() {
 }
 
 fn fcall(redis_port: u16, payload: &str) {
+    fcall_on(redis_port, "web", payload);
+}
+
+/// A durable publish on `channel` with `redis-cli`'s equivalent: the publish function.
+fn fcall_on(redis_port: u16, channel: &str, payload: &str) {
     let mut conn = redis::Client::open(format!("redis://127.0.0.1:{redis_port}"))
         .unwrap()
         .get_connection()
@@ -175,7 +180,7 @@ fn fcall(redis_port: u16, payload: &str) {
     let _: Vec<String> = redis::cmd("FCALL")
         .arg("sse_publish")
         .arg(1)
-        .arg("{sse:web}")
+        .arg(format!("{{sse:{channel}}}"))
         .arg(payload)
         .query(&mut conn)
         .unwrap();
@@ -451,17 +456,7 @@ async fn the_chat_page_shows_who_is_in_the_room() {
         .unwrap();
     bob.wait_id(T).await;
     wait_for("ann,bob,carol").await;
-    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{redis_port}"))
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let _: Vec<String> = redis::cmd("FCALL")
-        .arg("sse_publish")
-        .arg(1)
-        .arg("{sse:room:lobby}")
-        .arg("bob: hello")
-        .query(&mut conn)
-        .unwrap();
+    fcall_on(redis_port, "room:lobby", "bob: hello");
     drop(bob);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let log = loop {

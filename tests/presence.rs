@@ -393,18 +393,7 @@ async fn presence_lives_on_the_channels_cluster_slot() {
     a.wait_ready(true, T).await;
     b.wait_ready(true, T).await;
     // Rooms on every master.
-    let mut rooms = Vec::new();
-    for master in cluster.masters() {
-        let room = (0..)
-            .map(|i| format!("room:{i}"))
-            .find(|c| {
-                cluster.owner(sse_gateway::testing::redis::slot(
-                    format!("sse:{c}").as_bytes(),
-                )) == master
-            })
-            .expect("a room on every master");
-        rooms.push((room, master));
-    }
+    let rooms = cluster.channel_per_master("room:");
     for (room, master) in &rooms {
         let mut watcher = open(&a, room, "watcher", true).await;
         let tab = open(&b, room, "erin", false).await;
@@ -413,10 +402,11 @@ async fn presence_lives_on_the_channels_cluster_slot() {
             vec![j("join", "erin")]
         );
         let key = format!("{{sse:{room}}}:members");
-        let owner = cluster.owner(sse_gateway::testing::redis::slot(
-            format!("sse:{room}").as_bytes(),
-        ));
-        assert_eq!(owner, *master);
+        assert_eq!(
+            *master,
+            cluster.owner(sse_gateway::testing::redis::slot(key.as_bytes())),
+            "the gateway puts the channel's presence on the same slot as Redis does"
+        );
         let hlen = cluster
             .node(*master)
             .cmd(&["HLEN", &key])

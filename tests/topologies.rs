@@ -50,19 +50,11 @@ async fn publish(gw: &Gateway, channel: &str, data: &str, within: Duration) -> R
 
 /// Channel names whose slots fall on each master: one per master.
 fn one_channel_per_master(cluster: &Cluster, prefix: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for master in cluster.masters() {
-        let name = (0..)
-            .map(|i| format!("{prefix}{i}"))
-            .find(|c| {
-                cluster.owner(sse_gateway::testing::redis::slot(
-                    format!("sse:{c}").as_bytes(),
-                )) == master
-            })
-            .expect("some name lands on every master");
-        out.push(name);
-    }
-    out
+    cluster
+        .channel_per_master(prefix)
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect()
 }
 
 /// Two ready replicas on `url` with `extra` settings, and a stream on a channel of every master

@@ -72,6 +72,30 @@ impl Failure {
     }
 }
 
+/// A reply value as text (a bulk or simple string, or an integer), for reading script replies.
+pub fn value_text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+/// A reply value as an integer: an integer reply, or a bulk string holding a number (Lua
+/// numbers may come back as `"1.7e12"`-style text, which is truncated).
+pub fn value_int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()?
+            .parse::<f64>()
+            .ok()
+            .map(|f| f as i64),
+        _ => None,
+    }
+}
+
 /// Runs one Redis operation (connecting included) under the one command deadline every Redis
 /// user of a replica shares, so that no caller hangs on a server that stopped answering.
 pub async fn deadline<T, E: From<Failure>>(

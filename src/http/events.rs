@@ -21,7 +21,7 @@ use crate::core::frame;
 use crate::core::hub::{StreamInfo, Subscriber};
 use crate::http::body::GatewayBody;
 use crate::http::error::{accepts_event_stream, ApiError};
-use crate::http::request::{query_pairs, redacted_path, request_token};
+use crate::http::request::{query_pairs, redacted_path};
 use crate::http::state::AppState;
 use crate::http::stream::resume;
 use crate::http::stream::{Lifetime, SseStream, StreamGuard};
@@ -83,13 +83,7 @@ async fn open<B>(
         return Err(ApiError::Capacity);
     }
     let query = query_pairs(req.uri());
-    let token = request_token(req.headers(), &query, state.stream_token_sources())?
-        .ok_or_else(|| {
-            ApiError::Unauthorized(
-                "no token: send Authorization: Bearer <JWT>, the auth cookie, or ?access_token=<JWT>"
-                    .into(),
-            )
-        })?;
+    let token = state.client_token(req.headers(), &query)?;
     let claims = state
         .verifier
         .subscriber(&token)

@@ -13,7 +13,7 @@ use crate::core::channel;
 use crate::core::position::Cursor;
 use crate::http::body::GatewayBody;
 use crate::http::error::ApiError;
-use crate::http::request::{query_pairs, request_token};
+use crate::http::request::query_pairs;
 use crate::http::state::AppState;
 
 /// Handles `GET /presence`.
@@ -43,13 +43,7 @@ async fn snapshot<B>(
             )))
         }
     };
-    let token = request_token(req.headers(), &query, state.stream_token_sources())?
-        .ok_or_else(|| {
-            ApiError::Unauthorized(
-                "no token: send Authorization: Bearer <JWT>, the auth cookie, or ?access_token=<JWT>"
-                    .into(),
-            )
-        })?;
+    let token = state.client_token(req.headers(), &query)?;
     let claims = state
         .verifier
         .publisher(&token)

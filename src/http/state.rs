@@ -136,6 +136,21 @@ impl AppState {
             .map_err(ApiError::Unauthorized)
     }
 
+    /// The token of a request that reads as a client (`GET /events`, `GET /presence`): from the
+    /// header, the auth cookie or the query, or 401 saying where to put one.
+    pub fn client_token(
+        &self,
+        headers: &http::HeaderMap,
+        query: &[(String, String)],
+    ) -> Result<String, ApiError> {
+        request_token(headers, query, self.stream_token_sources())?.ok_or_else(|| {
+            ApiError::Unauthorized(
+                "no token: send Authorization: Bearer <JWT>, the auth cookie, or ?access_token=<JWT>"
+                    .into(),
+            )
+        })
+    }
+
     /// Where `GET /events` looks for its token: header, the auth cookie, the query.
     pub fn stream_token_sources(&self) -> TokenSources<'_> {
         TokenSources {

@@ -279,6 +279,35 @@ impl Cluster {
             .expect("every slot has an owner")
     }
 
+    /// The master serving `key`'s slot, as the cluster itself computes it (`CLUSTER KEYSLOT`).
+    pub fn owner_of(&self, key: &str) -> u16 {
+        let slot = self
+            .any()
+            .cmd(&["CLUSTER", "KEYSLOT", key])
+            .and_then(|s| s.parse::<u16>().ok())
+            .expect("CLUSTER KEYSLOT answers a slot");
+        self.owner(slot)
+    }
+
+    /// One channel name `<prefix><i>` per master whose pub/sub name `sse:<name>` (and so every
+    /// key of the channel) that master serves, with the master's port.
+    pub fn channel_per_master(&self, prefix: &str) -> Vec<(String, u16)> {
+        let mut out: Vec<(String, u16)> = Vec::new();
+        let masters = self.masters();
+        for i in 0.. {
+            let name = format!("{prefix}{i}");
+            let owner = self.owner_of(&format!("sse:{name}"));
+            if !out.iter().any(|(_, m)| *m == owner) {
+                out.push((name, owner));
+            }
+            if out.len() == masters.len() {
+                break;
+            }
+        }
+        out.sort_by_key(|(_, m)| masters.iter().position(|x| x == m));
+        out
+    }
+
     pub fn node(&mut self, port: u16) -> &mut Node {
         self.nodes
             .iter_mut()

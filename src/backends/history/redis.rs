@@ -21,7 +21,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use redis::{Script, Value};
 
 use super::{History, HistoryError, HistorySettings, Page, Stored};
-use crate::backends::redis::{deadline, Commands as Pool, Failure};
+use crate::backends::redis::{deadline, value_text as text, Commands as Pool, Failure};
 use crate::core::channel::MAX_CHANNEL_BYTES;
 use crate::core::event::{MAX_EVENT_NAME_BYTES, PRESENCE_MARKER, RESERVED_PREFIX};
 use crate::core::position::{DurableKey, Mark, Position, DURABLE_MARKER, NO_EPOCH};
@@ -266,15 +266,6 @@ fn lua_string(bytes: &[u8]) -> String {
 /// A history script with the shared id helpers (`ids.lua`) in front of it.
 fn script(name: &str, body: &str) -> String {
     format!("-- {name}\n{}{body}", include_str!("ids.lua"))
-}
-
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::Int(i) => Some(i.to_string()),
-        _ => None,
-    }
 }
 
 impl RedisHistory {

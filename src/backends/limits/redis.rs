@@ -35,7 +35,7 @@ use tokio::sync::oneshot;
 use tokio::time::{timeout, Instant};
 
 use super::{LimitError, Limiter, REVOCATION_TTL};
-use crate::backends::redis::{deadline, Commands as Pool, Failure};
+use crate::backends::redis::{deadline, value_int as int, Commands as Pool, Failure};
 use crate::core::backoff::Backoff;
 use crate::core::hub::{CloseReason, Hub};
 
@@ -465,18 +465,6 @@ impl Inner {
             .collect()
             .await;
         lock(&self.pending_release).extend(failed);
-    }
-}
-
-fn int(v: &Value) -> Option<i64> {
-    match v {
-        Value::Int(i) => Some(*i),
-        Value::BulkString(b) => std::str::from_utf8(b)
-            .ok()?
-            .parse::<f64>()
-            .ok()
-            .map(|f| f as i64),
-        _ => None,
     }
 }
 

@@ -32,7 +32,9 @@ use tokio::time::Instant;
 use super::{listing, Presence, PresenceError, PresenceSettings, Snapshot, MAX_MEMBERS};
 use crate::backends::history::redis::Library;
 use crate::backends::limits::redis::RedisLimiter;
-use crate::backends::redis::{deadline, Commands as Pool, Failure};
+use crate::backends::redis::{
+    deadline, value_int as int, value_text as text, Commands as Pool, Failure,
+};
 use crate::core::position::{Mark, Position};
 use crate::metrics as m;
 
@@ -73,23 +75,6 @@ struct Inner {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn int(v: &Value) -> Option<i64> {
-    match v {
-        Value::Int(i) => Some(*i),
-        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-        _ => None,
-    }
-}
-
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::Int(i) => Some(i.to_string()),
-        _ => None,
-    }
 }
 
 /// What `leave`, `settle` and `sweep` answer: leaves told, the next due time (ms, Redis clock;
