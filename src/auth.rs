@@ -52,6 +52,75 @@ pub struct Verifier {
     keys: Keys,
     subscriber: Validation,
     publisher: Validation,
+    /// Tokens already verified, for asymmetric keys only (an HS256 check costs less than the
+    /// lookup saves).
+    cache: Option<VerifiedTokens>,
+    leeway: u64,
+}
+
+/// Tokens that passed verification, so that a client reconnecting with the same token (a
+/// storm after a replica dies, a browser's EventSource retrying) does not pay an RSA, ECDSA or
+/// EdDSA signature check again.
+///
+/// Invariants: keyed by SHA-256 of the token (and which rules it passed), so no token is kept
+/// and no other token can match; an entry is good only while the token itself is (`exp` +
+/// leeway, on every hit) and, with a JWKS, while the key set still holds its `kid`; at most
+/// [`VerifiedTokens::MAX`] entries, the expired ones dropped first and everything when it is
+/// full of live ones (a flood of new tokens costs a check each, as without the cache).
+struct VerifiedTokens {
+    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], Verified>>,
+}
+
+struct Verified {
+    claims: Claims,
+    /// Unix seconds after which the token is no longer valid (`exp` + leeway).
+    until: u64,
+    kid: Option<String>,
+}
+
+impl VerifiedTokens {
+    const MAX: usize = 65_536;
+
+    fn new() -> Self {
+        Self {
+            entries: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn key(token: &str, publisher: bool) -> [u8; 32] {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update([u8::from(publisher)]);
+        h.update(token.as_bytes());
+        h.finalize().into()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<[u8; 32], Verified>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, key: &[u8; 32], now: u64) -> Option<(Claims, Option<String>)> {
+        let mut entries = self.lock();
+        match entries.get(key) {
+            Some(v) if now < v.until => Some((v.claims.clone(), v.kid.clone())),
+            Some(_) => {
+                entries.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn put(&self, key: [u8; 32], verified: Verified, now: u64) {
+        let mut entries = self.lock();
+        if entries.len() >= Self::MAX {
+            entries.retain(|_, v| now < v.until);
+            if entries.len() >= Self::MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(key, verified);
+    }
 }
 
 impl Verifier {
@@ -92,10 +161,13 @@ impl Verifier {
             }
             v
         };
+        let asymmetric = !matches!(config.jwt_key, JwtKey::Secret(_) | JwtKey::Development(_));
         Ok(Self {
             keys,
             subscriber: base(&["exp", "sub"]),
             publisher: base(&["exp"]),
+            cache: asymmetric.then(VerifiedTokens::new),
+            leeway: config.jwt_leeway.as_secs(),
         })
     }
 
@@ -109,7 +181,7 @@ impl Verifier {
 
     /// Verifies a subscriber's token.
     pub async fn subscriber(&self, token: &str) -> Result<Claims, String> {
-        let claims = self.verify(token, &self.subscriber).await?;
+        let claims = self.cached(token, false).await?;
         match claims.sub.as_deref() {
             Some(s) if !s.is_empty() => Ok(claims),
             _ => Err("token has an empty sub claim".into()),
@@ -118,7 +190,47 @@ impl Verifier {
 
     /// Verifies a publisher's token.
     pub async fn publisher(&self, token: &str) -> Result<Claims, String> {
-        self.verify(token, &self.publisher).await
+        self.cached(token, true).await
+    }
+
+    /// [`Self::verify`] with the rules of a publisher or a subscriber, through the cache of
+    /// verified tokens when there is one.
+    async fn cached(&self, token: &str, publisher: bool) -> Result<Claims, String> {
+        let validation = if publisher {
+            &self.publisher
+        } else {
+            &self.subscriber
+        };
+        let Some(cache) = &self.cache else {
+            return self.verify(token, validation).await;
+        };
+        let key = VerifiedTokens::key(token, publisher);
+        let now = now_secs();
+        if let Some((claims, kid)) = cache.get(&key, now) {
+            // A key taken out of the JWKS takes its tokens with it.
+            let still_keyed = match &self.keys {
+                Keys::Fixed(_) => true,
+                Keys::Jwks(jwks) => jwks.holds(kid.as_deref()),
+            };
+            if still_keyed {
+                return Ok(claims);
+            }
+        }
+        let claims = self.verify(token, validation).await?;
+        let kid = match &self.keys {
+            Keys::Fixed(_) => None,
+            Keys::Jwks(_) => jsonwebtoken::decode_header(token).ok().and_then(|h| h.kid),
+        };
+        cache.put(
+            key,
+            Verified {
+                claims: claims.clone(),
+                until: claims.exp.saturating_add(self.leeway),
+                kid,
+            },
+            now,
+        );
+        Ok(claims)
     }
 
     async fn verify(&self, token: &str, validation: &Validation) -> Result<Claims, String> {

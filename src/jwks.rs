@@ -111,6 +111,12 @@ impl Jwks {
         })
     }
 
+    /// Whether the key set still holds the key a verified token named (a cached verification
+    /// stands only as long as its key does).
+    pub fn holds(&self, kid: Option<&str>) -> bool {
+        self.lookup(kid).is_some()
+    }
+
     fn lookup(&self, kid: Option<&str>) -> Option<Key> {
         let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
         match kid {

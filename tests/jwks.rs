@@ -264,3 +264,48 @@ async fn a_jwks_url_beside_another_key_source_is_refused_at_start() {
         .expect("refused");
     assert_eq!(code, Some(2));
 }
+
+/// Verified tokens are remembered (a reconnect skips the signature check), but never past the
+/// token's own `exp`, nor past the key that signed it leaving the key set.
+#[tokio::test]
+async fn a_remembered_token_is_refused_after_its_expiry_and_after_its_key_is_withdrawn() {
+    let keys = KeyServer::start().await;
+    let old = Signer::ec("old");
+    keys.publish(&[&old.jwk]);
+    let gw = gateway(&keys);
+    gw.wait_ready(true, T).await;
+    let started = Instant::now();
+    let open = |token: String| {
+        let addr = gw.client;
+        async move {
+            SseClient::open(addr, "/events?channel=c", Some(&token))
+                .await
+                .map(|_| 200)
+                .unwrap_or_else(|r| r.status)
+        }
+    };
+    let short = {
+        let mut header = Header::new(old.alg);
+        header.kid = Some(old.kid.clone());
+        let claims = json!({"sub": "sam", "exp": now() + 2, "channels": ["c"]});
+        encode(&header, &claims, &old.key).unwrap()
+    };
+    assert_eq!(open(short.clone()).await, 200);
+    assert_eq!(open(short.clone()).await, 200, "the same token again");
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    assert_eq!(open(short).await, 401, "expired, remembered or not");
+
+    let long = old.token("sam", "c");
+    assert_eq!(open(long.clone()).await, 200);
+    // The issuer withdraws the old key; a token naming the new one makes the replica fetch the
+    // set again (more than 10 s after the start-up fetch).
+    let new = Signer::ec("new");
+    keys.publish(&[&new.jwk]);
+    tokio::time::sleep_until((started + Duration::from_millis(10_500)).into()).await;
+    assert_eq!(open(new.token("sam", "c")).await, 200);
+    assert_eq!(
+        open(long).await,
+        401,
+        "a token whose key left the key set is refused, though it was verified before"
+    );
+}

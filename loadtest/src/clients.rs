@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use sse_testkit::sse::{Block, Decoder};
 
-use crate::net::{mint, open, stamp, unix_nanos};
+use crate::net::{mint, open, stamp, unix_nanos, Signer};
 use crate::stats::{add_buckets, buckets, histogram, Buckets, Stats, Tick};
 
 /// What the streams do.
@@ -40,7 +40,7 @@ pub(crate) struct ClientConfig {
     pub(crate) plan: Plan,
     pub(crate) targets: Vec<SocketAddr>,
     pub(crate) source_ips: Vec<IpAddr>,
-    pub(crate) secret: String,
+    pub(crate) signer: Signer,
     pub(crate) streams: usize,
     pub(crate) channel: String,
     pub(crate) connect_concurrency: usize,
@@ -52,6 +52,9 @@ pub(crate) struct ClientConfig {
     /// Churn: each loop reconnects as the same user instead of a new one every time.
     #[serde(default)]
     pub(crate) returning_users: bool,
+    /// First connects spread evenly over this many milliseconds (0: at once).
+    #[serde(default)]
+    pub(crate) ramp_ms: u64,
 }
 
 impl ClientConfig {
@@ -222,7 +225,7 @@ async fn stream_task(
     first: mpsc::UnboundedSender<bool>,
 ) -> Summary {
     let channel = cfg.channel_of(id);
-    let token = mint(&cfg.secret, &format!("load-{id}"), &channel);
+    let token = mint(&cfg.signer, &format!("load-{id}"), &channel);
     let source = (!cfg.source_ips.is_empty()).then(|| cfg.source_ips[id % cfg.source_ips.len()]);
     let reconnect = cfg.plan == Plan::Audit;
     let mut summary = Summary {
@@ -240,6 +243,10 @@ async fn stream_task(
     let mut latencies = Vec::with_capacity(64);
     let mut buf = vec![0u8; 8 * 1024];
     let mut t0;
+    if cfg.ramp_ms > 0 {
+        let at = cfg.ramp_ms * id as u64 / cfg.streams.max(1) as u64;
+        tokio::time::sleep(Duration::from_millis(at)).await;
+    }
     'connect: loop {
         let attempt = {
             let _permit = if first.is_some() {
@@ -259,9 +266,7 @@ async fn stream_task(
         let mut stream = match attempt {
             Ok(s) => s,
             Err(e) => {
-                stats
-                    .failed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                stats.fail(&e);
                 if let Some(f) = first.take() {
                     if id < 5 {
                         eprintln!("stream {id}: {e}");
@@ -330,9 +335,7 @@ async fn stream_task(
             .open
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if !reconnect {
-            stats
-                .failed
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            stats.fail("stream ended by the server");
             let _ = stopped(&mut stop).await;
             break 'connect;
         }
@@ -387,7 +390,7 @@ async fn churn_worker(
         } else {
             format!("churn-{id}-{k}")
         };
-        let token = mint(&cfg.secret, &sub, &cfg.channel);
+        let token = mint(&cfg.signer, &sub, &cfg.channel);
         k += 1;
         let t0 = Instant::now();
         match open(target, source, &token, &cfg.channel, None).await {
@@ -398,10 +401,8 @@ async fn churn_worker(
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 drop(stream);
             }
-            Err(_) => {
-                stats
-                    .failed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err(e) => {
+                stats.fail(&e);
             }
         }
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::net::{connect, mint_publisher, post, unix_nanos, wait_until};
+use crate::net::{connect, mint_publisher, post, unix_nanos, wait_until, Signer};
 
 /// How events enter the system under test.
 #[derive(Clone, Debug)]
@@ -19,7 +19,7 @@ pub(crate) enum Via {
     /// `POST /publish` on the gateway replicas (durable), failing over between them.
     Gateway {
         targets: Vec<SocketAddr>,
-        secret: String,
+        signer: Signer,
     },
     /// `POST <path>?channel=<channel>` with the payload as the body: Nchan's publisher location.
     Nchan { addr: SocketAddr, path: String },
@@ -51,7 +51,7 @@ impl Publisher {
                     .map_err(|e| format!("cannot reach Redis at {url}: {e}"))?;
                 (Conn::Redis(conn), String::new())
             }
-            Via::Gateway { secret, .. } => (Conn::Http(None), mint_publisher(secret)),
+            Via::Gateway { signer, .. } => (Conn::Http(None), mint_publisher(signer)),
             Via::Nchan { .. } => (Conn::Http(None), String::new()),
         };
         Ok(Self {

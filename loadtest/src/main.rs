@@ -25,6 +25,7 @@ mod stats;
 use clients::{ClientConfig, Plan};
 use drive::{Publisher, Servers, Via};
 use fleet::Fleet;
+use net::Signer;
 use report::Report;
 use stats::Percentiles;
 
@@ -197,6 +198,23 @@ enum Scenario {
 }
 
 impl Scenario {
+    /// The thresholds the run is judged by.
+    fn gate(&self) -> Option<Gate> {
+        match self {
+            Scenario::Idle { common, .. }
+            | Scenario::Broadcast { common, .. }
+            | Scenario::Private { common, .. }
+            | Scenario::Churn { common, .. }
+            | Scenario::Audit { common, .. }
+            | Scenario::Storm { common, .. }
+            | Scenario::IdleH2 { common, .. }
+            | Scenario::Connect { common }
+            | Scenario::Publish { common, .. }
+            | Scenario::Resume { common, .. } => Some(common.gate.clone()),
+            _ => None,
+        }
+    }
+
     /// Where the report goes (`--json`, `--html`), for the scenarios that write one.
     fn outputs(&self) -> (Option<String>, Option<String>) {
         match self {
@@ -208,6 +226,82 @@ impl Scenario {
             | Scenario::Storm { common, .. } => (common.json.clone(), common.html.clone()),
             _ => (None, None),
         }
+    }
+}
+
+/// Pass/fail thresholds, checked on the run's report (k6-style): a breach exits with code 3 and
+/// names the threshold; a run that could not be made exits with 2.
+#[derive(Args, Clone, Debug)]
+pub(crate) struct Gate {
+    /// Fail when the delivery latency p99 (for churn and idle: the connect p99) is above this.
+    #[arg(long)]
+    max_p99_ms: Option<f64>,
+    /// Fail when fewer than this share of the expected deliveries arrived.
+    #[arg(long, default_value_t = 1.0)]
+    min_delivered: f64,
+    /// Fail when more events than this were lost silently (audit and storm), or repeated.
+    #[arg(long, default_value_t = 0)]
+    max_lost: u64,
+    /// Fail when fewer than this share of the requested streams opened.
+    #[arg(long, default_value_t = 1.0)]
+    min_open_ratio: f64,
+    /// Fail when churn made fewer connects per second than this.
+    #[arg(long)]
+    min_connects_per_s: Option<f64>,
+}
+
+impl Gate {
+    /// Every threshold the report breaches, as one line each.
+    fn breaches(&self, r: &Report) -> Vec<String> {
+        let mut out = Vec::new();
+        let p99 = r
+            .latency_ms
+            .as_ref()
+            .or(r.connect_ms.as_ref().filter(|_| r.deliveries_expected == 0))
+            .map(|p| p.p99);
+        if let (Some(max), Some(p99)) = (self.max_p99_ms, p99) {
+            if p99 > max {
+                out.push(format!("p99 {p99:.2} ms is above --max-p99-ms {max}"));
+            }
+        }
+        if r.deliveries_expected > 0 {
+            let share = r.deliveries as f64 / r.deliveries_expected as f64;
+            if share < self.min_delivered {
+                out.push(format!(
+                    "{} of {} deliveries ({:.3}%) is below --min-delivered {}",
+                    r.deliveries,
+                    r.deliveries_expected,
+                    share * 100.0,
+                    self.min_delivered
+                ));
+            }
+        }
+        if let Some(a) = &r.audit {
+            let lost = a.lost + a.missing_at_end;
+            if lost > self.max_lost || a.repeated > 0 {
+                out.push(format!(
+                    "{lost} events lost and {} repeated; --max-lost is {} and none may repeat",
+                    a.repeated, self.max_lost
+                ));
+            }
+        }
+        if r.streams_requested > 0 {
+            let share = r.streams_opened as f64 / r.streams_requested as f64;
+            if share < self.min_open_ratio {
+                out.push(format!(
+                    "{} of {} streams opened, below --min-open-ratio {}",
+                    r.streams_opened, r.streams_requested, self.min_open_ratio
+                ));
+            }
+        }
+        if let (Some(min), Some(rate)) = (self.min_connects_per_s, r.connects_per_sec) {
+            if rate < min {
+                out.push(format!(
+                    "{rate:.0} connects/s is below --min-connects-per-s {min}"
+                ));
+            }
+        }
+        out
     }
 }
 
@@ -223,8 +317,17 @@ pub(crate) struct Common {
     #[arg(long, value_delimiter = ',')]
     pids: Vec<u32>,
     /// HS256 secret of the replicas, to mint tokens.
-    #[arg(long, env = "SSE_GATEWAY_JWT_SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SSE_GATEWAY_JWT_SECRET",
+        hide_env_values = true,
+        default_value = ""
+    )]
     secret: String,
+    /// Sign tokens with this private key (PEM: RSA for RS256, EC P-256 for ES256, Ed25519 for
+    /// EdDSA) instead of the secret, for replicas that verify with its public key.
+    #[arg(long)]
+    private_key_file: Option<PathBuf>,
     /// Streams to open.
     #[arg(long, default_value_t = 1000)]
     streams: usize,
@@ -252,6 +355,12 @@ pub(crate) struct Common {
     /// Write the self-contained HTML report here.
     #[arg(long)]
     html: Option<String>,
+    /// Spread the streams' first connects evenly over this many seconds (0: as fast as
+    /// --connect-concurrency allows).
+    #[arg(long, default_value_t = 0.0)]
+    ramp_secs: f64,
+    #[command(flatten)]
+    gate: Gate,
 }
 
 impl Common {
@@ -262,12 +371,23 @@ impl Common {
         }
     }
 
-    fn clients(&self, plan: Plan, streams: usize) -> ClientConfig {
-        ClientConfig {
+    /// How tokens are signed (the secret, or `--private-key-file`).
+    fn signer(&self) -> Result<Signer, String> {
+        if self.secret.is_empty() && self.private_key_file.is_none() {
+            return Err(
+                "no signing key: set SSE_GATEWAY_JWT_SECRET (or --secret), or --private-key-file"
+                    .into(),
+            );
+        }
+        Signer::new(&self.secret, self.private_key_file.as_deref())
+    }
+
+    fn clients(&self, plan: Plan, streams: usize) -> Result<ClientConfig, String> {
+        Ok(ClientConfig {
             plan,
             targets: self.targets.clone(),
             source_ips: self.source_ips.clone(),
-            secret: self.secret.clone(),
+            signer: self.signer()?,
             streams,
             channel: self.channel.clone(),
             connect_concurrency: self.connect_concurrency,
@@ -275,7 +395,8 @@ impl Common {
             index: 0,
             count: 1,
             returning_users: false,
-        }
+            ramp_ms: (self.ramp_secs.max(0.0) * 1000.0) as u64,
+        })
     }
 
     fn report(&self, scenario: &str, params: serde_json::Value) -> Report {
@@ -322,7 +443,7 @@ impl PublishArgs {
             },
             "http" => Via::Gateway {
                 targets: common.targets.clone(),
-                secret: common.secret.clone(),
+                signer: common.signer()?,
             },
             "nchan" => Via::Nchan {
                 addr: self.nchan_publish.unwrap_or(common.targets[0]),
@@ -372,7 +493,7 @@ async fn idle(common: Common, hold: Duration) -> Result<Report, String> {
     let servers = common.servers();
     let mut report = common.report("idle", serde_json::json!({ "hold_secs": hold.as_secs() }));
     let before = servers.rss().await;
-    let fleet = Fleet::start(common.clients(Plan::Idle, common.streams), common.workers)?;
+    let fleet = Fleet::start(common.clients(Plan::Idle, common.streams)?, common.workers)?;
     report.streams_opened = fleet.ready().await as u64;
     report.open_secs = fleet.read(|s| s.ready_at).unwrap_or_default().as_secs_f64();
     tokio::time::sleep(hold).await;
@@ -392,6 +513,7 @@ fn finish_report(report: &mut Report, agg: &stats::Aggregate, summary: Option<cl
     report.latency_ms = Percentiles::of(&agg.latency);
     report.connect_ms = Percentiles::of(&agg.connect);
     report.failed = agg.failed;
+    report.failures = agg.causes.clone();
     report.series = agg.series.clone();
     report.audit = summary;
 }
@@ -414,7 +536,7 @@ async fn streaming(
         serde_json::json!({ "events": pace.events, "rate": pace.rate, "via": publish.via }),
     );
     let mut publisher = Publisher::connect(via).await?;
-    let fleet = Fleet::start(common.clients(plan, common.streams), common.workers)?;
+    let fleet = Fleet::start(common.clients(plan, common.streams)?, common.workers)?;
     let opened = fleet.ready().await as u64;
     report.streams_opened = opened;
     report.open_secs = fleet.read(|s| s.ready_at).unwrap_or_default().as_secs_f64();
@@ -481,7 +603,7 @@ async fn churn(
         serde_json::json!({ "concurrency": concurrency, "secs": secs, "returning_users": returning_users }),
     );
     report.streams_requested = 0;
-    let mut clients = common.clients(Plan::Churn, concurrency);
+    let mut clients = common.clients(Plan::Churn, concurrency)?;
     clients.returning_users = returning_users;
     let fleet = Fleet::start(clients, common.workers)?;
     fleet.ready().await;
@@ -513,7 +635,7 @@ async fn audit(
         }),
     );
     let mut publisher = Publisher::connect(via).await?;
-    let fleet = Fleet::start(common.clients(Plan::Audit, common.streams), common.workers)?;
+    let fleet = Fleet::start(common.clients(Plan::Audit, common.streams)?, common.workers)?;
     let opened = fleet.ready().await as u64;
     report.streams_opened = opened;
     report.open_secs = fleet.read(|s| s.ready_at).unwrap_or_default().as_secs_f64();
@@ -580,8 +702,23 @@ fn load(path: &PathBuf) -> Result<Report, String> {
     serde_json::from_str(&text).map_err(|e| format!("{} is not a report: {e}", path.display()))
 }
 
-async fn run(command: Scenario) -> Result<bool, String> {
+/// How a run ended: it passed, its own checks failed, or a threshold was breached.
+enum Outcome {
+    Passed,
+    Failed,
+    Breached,
+}
+
+async fn run(command: Scenario) -> Result<Outcome, String> {
     let outputs = command.outputs();
+    let gate = command.gate();
+    let judged = |passed: bool| {
+        if passed {
+            Outcome::Passed
+        } else {
+            Outcome::Failed
+        }
+    };
     let report = match command {
         Scenario::Idle { common, hold_secs } => {
             idle(common, Duration::from_secs(hold_secs)).await?
@@ -617,12 +754,12 @@ async fn run(command: Scenario) -> Result<bool, String> {
             per_connection,
             hold_secs,
         } => {
-            oneoff::idle_h2(common, per_connection, Duration::from_secs(hold_secs)).await;
-            return Ok(true);
+            return oneoff::idle_h2(common, per_connection, Duration::from_secs(hold_secs))
+                .await
+                .map(judged);
         }
         Scenario::Connect { common } => {
-            oneoff::connect_latency(common).await;
-            return Ok(true);
+            return oneoff::connect_latency(common).await.map(judged);
         }
         Scenario::Publish {
             common,
@@ -632,8 +769,16 @@ async fn run(command: Scenario) -> Result<bool, String> {
             events,
             concurrency,
         } => {
-            oneoff::publish_throughput(common, via, redis_url, function, events, concurrency).await;
-            return Ok(true);
+            return oneoff::publish_throughput(
+                common,
+                via,
+                redis_url,
+                function,
+                events,
+                concurrency,
+            )
+            .await
+            .map(judged);
         }
         Scenario::Resume {
             common,
@@ -641,13 +786,14 @@ async fn run(command: Scenario) -> Result<bool, String> {
             missed,
             rounds,
         } => {
-            oneoff::resume_latency(common, redis_url, missed, rounds).await;
-            return Ok(true);
+            return oneoff::resume_latency(common, redis_url, missed, rounds)
+                .await
+                .map(judged);
         }
         Scenario::Table { reports } => {
             let reports = reports.iter().map(load).collect::<Result<Vec<_>, _>>()?;
             print!("{}", report::table(&reports));
-            return Ok(true);
+            return Ok(Outcome::Passed);
         }
         Scenario::Capacity {
             idle,
@@ -672,31 +818,35 @@ async fn run(command: Scenario) -> Result<bool, String> {
                 "{}",
                 report::capacity(&load(&idle)?, &load(&load_path)?, &sizing)?
             );
-            return Ok(true);
+            return Ok(Outcome::Passed);
         }
         Scenario::ClientWorker => {
             fleet::worker_main().await?;
-            return Ok(true);
+            return Ok(Outcome::Passed);
         }
     };
     print!("{}", report.summary());
     report.write(outputs.0.as_deref(), outputs.1.as_deref())?;
-    // A run that lost events or opened nothing fails, so scripts and CI notice.
-    let audit_ok = report
-        .audit
-        .as_ref()
-        .is_none_or(|a| a.lost == 0 && a.repeated == 0 && a.missing_at_end == 0);
-    let delivered_ok =
-        report.deliveries_expected == 0 || report.deliveries >= report.deliveries_expected;
-    let opened_ok = report.streams_requested == 0 || report.streams_opened > 0;
-    Ok(audit_ok && delivered_ok && opened_ok)
+    // Thresholds (every one has a default: nothing lost or repeated, every stream open, every
+    // delivery made), so a run that opened one stream out of many fails, as scripts and CI
+    // expect.
+    let breaches = gate.map(|g| g.breaches(&report)).unwrap_or_default();
+    for b in &breaches {
+        println!("threshold breached: {b}");
+    }
+    Ok(if breaches.is_empty() {
+        Outcome::Passed
+    } else {
+        Outcome::Breached
+    })
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     match run(Cli::parse().command).await {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
+        Ok(Outcome::Passed) => ExitCode::SUCCESS,
+        Ok(Outcome::Failed) => ExitCode::from(1),
+        Ok(Outcome::Breached) => ExitCode::from(3),
         Err(e) => {
             eprintln!("sse-loadtest: {e}");
             ExitCode::from(2)

@@ -9,8 +9,9 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde::{Deserialize, Serialize};
 use sse_testkit::http::{exchange, read_head, request_bytes};
-use sse_testkit::tokens::token_with;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -32,22 +33,71 @@ pub(crate) fn unix_nanos() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// How the tool signs its tokens: with the replicas' HS256 secret, or with a private key (PEM;
+/// RS256, ES256 or EdDSA by the key's type) whose public half the replicas verify with.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Signer {
+    secret: String,
+    /// The private key in PEM, when tokens are signed with one.
+    pem: Option<String>,
+}
+
+impl Signer {
+    /// Signs with `secret`, or with the private key in the file `pem_file` when given.
+    pub(crate) fn new(secret: &str, pem_file: Option<&std::path::Path>) -> Result<Self, String> {
+        let pem = match pem_file {
+            None => None,
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("--private-key-file {}: {e}", path.display()))?,
+            ),
+        };
+        let signer = Self {
+            secret: secret.to_string(),
+            pem,
+        };
+        // Fail at the start, not in every worker: the key must be one of the three kinds.
+        signer.key()?;
+        Ok(signer)
+    }
+
+    fn key(&self) -> Result<(EncodingKey, Algorithm), String> {
+        let Some(pem) = &self.pem else {
+            return Ok((
+                EncodingKey::from_secret(self.secret.as_bytes()),
+                Algorithm::HS256,
+            ));
+        };
+        let pem = pem.as_bytes();
+        EncodingKey::from_rsa_pem(pem)
+            .map(|k| (k, Algorithm::RS256))
+            .or_else(|_| EncodingKey::from_ec_pem(pem).map(|k| (k, Algorithm::ES256)))
+            .or_else(|_| EncodingKey::from_ed_pem(pem).map(|k| (k, Algorithm::EdDSA)))
+            .map_err(|_| {
+                "--private-key-file: not an RSA, EC (P-256) or Ed25519 private key in PEM".into()
+            })
+    }
+
+    fn sign(&self, claims: &serde_json::Value) -> String {
+        match self.key() {
+            Ok((key, alg)) => {
+                jsonwebtoken::encode(&Header::new(alg), claims, &key).unwrap_or_default()
+            }
+            Err(_) => String::new(),
+        }
+    }
+}
+
 /// A subscriber token for one channel, valid for a day.
-pub(crate) fn mint(secret: &str, sub: &str, channel: &str) -> String {
+pub(crate) fn mint(signer: &Signer, sub: &str, channel: &str) -> String {
     let exp = unix_nanos() / 1_000_000_000 + 86_400;
-    token_with(
-        serde_json::json!({ "sub": sub, "exp": exp, "channels": [channel] }),
-        secret,
-    )
+    signer.sign(&serde_json::json!({ "sub": sub, "exp": exp, "channels": [channel] }))
 }
 
 /// A publisher token for every channel.
-pub(crate) fn mint_publisher(secret: &str) -> String {
+pub(crate) fn mint_publisher(signer: &Signer) -> String {
     let exp = unix_nanos() / 1_000_000_000 + 86_400;
-    token_with(
-        serde_json::json!({ "sub": "loadtest-publisher", "exp": exp, "publish": ["*"] }),
-        secret,
-    )
+    signer.sign(&serde_json::json!({ "sub": "loadtest-publisher", "exp": exp, "publish": ["*"] }))
 }
 
 /// Connects from `source` when given. The socket is bound with `IP_BIND_ADDRESS_NO_PORT`, so the
@@ -131,11 +181,29 @@ pub(crate) async fn open(
     if head.status != 200 {
         return Err(format!("HTTP {}", head.status));
     }
+    // A browser-style request (Accept: text/event-stream) refused for a passing reason gets a
+    // 200 stream holding only `gateway.refused` (SPEC §6.3): a refusal, not a stream.
+    if let Some(code) = refused_in_band(&rest) {
+        return Err(format!("gateway.refused {code}"));
+    }
     Ok(Stream {
         tcp,
         rest,
         chunked: head.chunked(),
     })
+}
+
+/// The error code of an in-band refusal (`event: gateway.refused`, `data: {"error": CODE, …}`)
+/// among the first body bytes, if they hold one.
+pub(crate) fn refused_in_band(body: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(body);
+    let at = text.find("event: gateway.refused")?;
+    let after = &text[at..];
+    let code = after
+        .find("\"error\"")
+        .and_then(|i| after[i + 7..].split('"').nth(1))
+        .unwrap_or("unknown");
+    Some(code.to_string())
 }
 
 /// The payload convention of every scenario: `<intended send time in ns>[ <sequence>]`.
@@ -168,4 +236,14 @@ pub(crate) async fn post(
     )
     .await
     .map(|reply| reply.status)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_in_band_refusal_is_read_as_one() {
+        let body = b"retry: 4100\n\nevent: gateway.refused\ndata: {\"error\": \"capacity\", \"message\": \"x\"}\n\n";
+        assert_eq!(super::refused_in_band(body).as_deref(), Some("capacity"));
+        assert_eq!(super::refused_in_band(b"retry: 3000\n\n: ok\n\n"), None);
+    }
 }

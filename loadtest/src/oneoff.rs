@@ -11,8 +11,14 @@ use crate::net::{connect, mint, mint_publisher, open, post};
 use crate::Common;
 use sse_gateway::testing::position::{Cursor, Mark, Position};
 
-pub(crate) async fn idle_h2(common: Common, per_connection: usize, hold: Duration) {
+/// Passes when every stream opened.
+pub(crate) async fn idle_h2(
+    common: Common,
+    per_connection: usize,
+    hold: Duration,
+) -> Result<bool, String> {
     use http_body_util::Empty;
+    let signer = common.signer()?;
     let servers = common.servers();
     let before = servers.rss().await;
     let connections = common.streams.div_ceil(per_connection.max(1));
@@ -41,7 +47,7 @@ pub(crate) async fn idle_h2(common: Common, per_connection: usize, hold: Duratio
         let n = per_connection.min(common.streams - opened);
         let requests = (0..n).map(|i| {
             let mut sender = sender.clone();
-            let token = mint(&common.secret, &format!("h2-{c}-{i}"), &common.channel);
+            let token = mint(&signer, &format!("h2-{c}-{i}"), &common.channel);
             let req =
                 hyper::Request::get(format!("http://{target}/events?channel={}", common.channel))
                     .header("authorization", format!("Bearer {token}"))
@@ -72,7 +78,9 @@ pub(crate) async fn idle_h2(common: Common, per_connection: usize, hold: Duratio
             (a - b) / bodies.len().max(1) as f64 / 1024.0
         );
     }
+    let all = bodies.len() == common.streams;
     drop(bodies);
+    Ok(all)
 }
 
 async fn futures_join<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
@@ -90,7 +98,9 @@ where
     out
 }
 
-pub(crate) async fn connect_latency(common: Common) {
+/// Passes when every connect succeeded.
+pub(crate) async fn connect_latency(common: Common) -> Result<bool, String> {
+    let signer = common.signer()?;
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
     let mut failures = 0;
     let started = Instant::now();
@@ -98,7 +108,7 @@ pub(crate) async fn connect_latency(common: Common) {
         let target = common.targets[i % common.targets.len()];
         let source =
             (!common.source_ips.is_empty()).then(|| common.source_ips[i % common.source_ips.len()]);
-        let token = mint(&common.secret, &format!("connect-{i}"), &common.channel);
+        let token = mint(&signer, &format!("connect-{i}"), &common.channel);
         let t0 = Instant::now();
         match open(target, source, &token, &common.channel, None).await {
             Ok(stream) => {
@@ -123,6 +133,7 @@ pub(crate) async fn connect_latency(common: Common) {
         ms(0.99),
         hist.max() as f64 / 1000.0
     );
+    Ok(failures == 0)
 }
 
 pub(crate) async fn publish_throughput(
@@ -132,14 +143,15 @@ pub(crate) async fn publish_throughput(
     function: String,
     events: usize,
     concurrency: usize,
-) {
+) -> Result<bool, String> {
+    let signer = common.signer()?;
     let per = events / concurrency.max(1);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..concurrency.max(1) {
         let target = common.targets[w % common.targets.len()];
         let channel = common.channel.clone();
-        let token = mint_publisher(&common.secret);
+        let token = mint_publisher(&signer);
         let via = via.clone();
         let redis_url = redis_url.clone();
         let function = function.clone();
@@ -199,6 +211,7 @@ pub(crate) async fn publish_throughput(
         ok as f64 / secs,
         concurrency
     );
+    Ok(ok == per * concurrency.max(1))
 }
 
 pub(crate) async fn resume_latency(
@@ -206,14 +219,14 @@ pub(crate) async fn resume_latency(
     redis_url: String,
     missed: usize,
     rounds: usize,
-) {
+) -> Result<bool, String> {
     let client = redis::Client::open(redis_url.as_str()).expect("--redis-url");
     let mut conn = client
         .get_multiplexed_async_connection()
         .await
         .expect("connect to Redis");
     let target = common.targets[0];
-    let token = mint(&common.secret, "resume", &common.channel);
+    let token = mint(&common.signer()?, "resume", &common.channel);
     let mut times = Vec::new();
     for round in 0..rounds {
         // Publish one event and take its id from a first stream.
@@ -277,4 +290,5 @@ pub(crate) async fn resume_latency(
         times[times.len() / 2].as_secs_f64() * 1000.0,
         times[times.len() - 1].as_secs_f64() * 1000.0
     );
+    Ok(true)
 }

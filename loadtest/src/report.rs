@@ -35,6 +35,9 @@ pub(crate) struct Report {
     pub(crate) server_cpu_secs: Option<f64>,
     pub(crate) cpu_ms_per_1k_deliveries: Option<f64>,
     pub(crate) failed: u64,
+    /// Failures by cause (`HTTP 503`, `gateway.refused capacity`, `connect: …`).
+    #[serde(default)]
+    pub(crate) failures: std::collections::BTreeMap<String, u64>,
     pub(crate) audit: Option<Summary>,
     /// Storm: seconds from the kill until every client was back and caught up.
     pub(crate) storm_recovery_secs: Option<f64>,
@@ -57,6 +60,14 @@ impl Report {
             "streams: opened {} of {} in {:.2}s, {} failed",
             self.streams_opened, self.streams_requested, self.open_secs, self.failed
         );
+        if !self.failures.is_empty() {
+            let by_cause: Vec<String> = self
+                .failures
+                .iter()
+                .map(|(cause, n)| format!("{cause} × {n}"))
+                .collect();
+            let _ = writeln!(s, "failures: {}", by_cause.join(", "));
+        }
         if let Some(r) = self.rss_per_stream_kib {
             let _ = writeln!(
                 s,

@@ -6,6 +6,7 @@
 //! clients run in worker processes, so a run of 50,000 streams over three processes still gives
 //! one report.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -71,6 +72,8 @@ pub(crate) struct Stats {
     pub(crate) delivered: AtomicU64,
     pub(crate) connects: AtomicU64,
     pub(crate) failed: AtomicU64,
+    /// Failures by cause (`HTTP 503`, `gateway.refused capacity`, `connect: refused`, …).
+    causes: Mutex<BTreeMap<String, u64>>,
     latency: Vec<Mutex<Histogram<u64>>>,
     connect: Mutex<Histogram<u64>>,
 }
@@ -83,6 +86,7 @@ impl Stats {
             delivered: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            causes: Mutex::new(BTreeMap::new()),
             latency: (0..SHARDS).map(|_| Mutex::new(histogram())).collect(),
             connect: Mutex::new(histogram()),
         }
@@ -99,6 +103,15 @@ impl Stats {
             for &l in latencies_us {
                 let _ = h.record(l.clamp(1, 60_000_000));
             }
+        }
+    }
+
+    /// Records one failed attempt and why (the text of the error: its cause is the part before
+    /// any detail after a colon and space, so `HTTP 503` and `connect: …` group together).
+    pub(crate) fn fail(&self, why: &str) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut c) = self.causes.lock() {
+            *c.entry(cause(why)).or_insert(0) += 1;
         }
     }
 
@@ -134,6 +147,11 @@ impl Stats {
             delivered: self.delivered.swap(0, Ordering::Relaxed),
             connects: self.connects.swap(0, Ordering::Relaxed),
             failed: self.failed.swap(0, Ordering::Relaxed),
+            causes: self
+                .causes
+                .lock()
+                .map(|mut c| std::mem::take(&mut *c))
+                .unwrap_or_default(),
             latency: buckets(&latency),
             connect,
         }
@@ -148,6 +166,8 @@ pub(crate) struct Tick {
     pub(crate) delivered: u64,
     pub(crate) connects: u64,
     pub(crate) failed: u64,
+    #[serde(default)]
+    pub(crate) causes: BTreeMap<String, u64>,
     pub(crate) latency: Buckets,
     pub(crate) connect: Buckets,
 }
@@ -175,6 +195,8 @@ pub(crate) struct Aggregate {
     pub(crate) delivered: u64,
     pub(crate) connects: u64,
     pub(crate) failed: u64,
+    /// Failures by cause over the whole run.
+    pub(crate) causes: BTreeMap<String, u64>,
     pub(crate) series: Vec<Sample>,
 }
 
@@ -189,6 +211,7 @@ impl Aggregate {
             delivered: 0,
             connects: 0,
             failed: 0,
+            causes: BTreeMap::new(),
             series: Vec::new(),
         }
     }
@@ -206,6 +229,9 @@ impl Aggregate {
         self.delivered += tick.delivered;
         self.connects += tick.connects;
         self.failed += tick.failed;
+        for (cause, n) in &tick.causes {
+            *self.causes.entry(cause.clone()).or_insert(0) += n;
+        }
     }
 
     /// Streams open now, over every source.
@@ -236,9 +262,35 @@ impl Aggregate {
     }
 }
 
+/// The cause of a failure from its error text: `HTTP 503` stays, `connect 127.0.0.1:8080:
+/// Connection refused (os error 111)` becomes `connect: Connection refused`.
+pub(crate) fn cause(why: &str) -> String {
+    if let Some(rest) = why.strip_prefix("connect ") {
+        let detail = rest.split_once(": ").map_or(rest, |(_, d)| d);
+        let detail = detail.split(" (os error").next().unwrap_or(detail);
+        return format!("connect: {detail}");
+    }
+    why.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_group_by_cause() {
+        let stats = Stats::new();
+        stats.fail("HTTP 503");
+        stats.fail("HTTP 503");
+        stats.fail("connect 127.0.0.1:1: Connection refused (os error 111)");
+        stats.fail("gateway.refused capacity");
+        let mut agg = Aggregate::new(1);
+        agg.add(0, &stats.tick());
+        assert_eq!(agg.failed, 4);
+        assert_eq!(agg.causes["HTTP 503"], 2);
+        assert_eq!(agg.causes["connect: Connection refused"], 1);
+        assert_eq!(agg.causes["gateway.refused capacity"], 1);
+    }
 
     #[test]
     fn ticks_from_two_sources_merge_into_one_sample() {
