@@ -126,6 +126,7 @@ impl VerifiedTokens {
 impl Verifier {
     /// Builds the verifier from validated configuration.
     pub fn new(config: &Config) -> Result<Self, String> {
+        crate::jwt_crypto::install();
         let (keys, alg) = match &config.jwt_key {
             JwtKey::Secret(s) | JwtKey::Development(s) => {
                 (Keys::Fixed(DecodingKey::from_secret(s)), Algorithm::HS256)

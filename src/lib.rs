@@ -41,13 +41,14 @@ mod core;
 mod devmode;
 mod http;
 mod jwks;
+mod jwt_crypto;
 mod metrics;
 mod tls;
 
 pub mod config;
 pub mod inspect;
 
-pub use crate::auth::{mint, Claims};
+pub use crate::auth::{mint, Claims, Verifier};
 pub use crate::metrics::Exporter;
 
 /// What the integration tests, benchmarks, fuzz targets and the load tool reach inside the

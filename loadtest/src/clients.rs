@@ -382,15 +382,16 @@ async fn churn_worker(
     let source = (!cfg.source_ips.is_empty()).then(|| cfg.source_ips[id % cfg.source_ips.len()]);
     let target = cfg.targets[id % cfg.targets.len()];
     let mut k = 0u64;
+    // A returning user is the loop's own, with its one token, as a client keeps it.
+    let returning = cfg
+        .returning_users
+        .then(|| mint(&cfg.signer, &format!("churn-{id}"), &cfg.channel));
     while stop.borrow().is_none() {
-        // Each connect is a new user, so the per-user limit never refuses it; or, for returning
-        // users, the loop's own user, who closed their previous stream before this connect.
-        let sub = if cfg.returning_users {
-            format!("churn-{id}")
-        } else {
-            format!("churn-{id}-{k}")
+        // Each connect is a new user (and token), so the per-user limit never refuses it.
+        let token = match &returning {
+            Some(t) => t.clone(),
+            None => mint(&cfg.signer, &format!("churn-{id}-{k}"), &cfg.channel),
         };
-        let token = mint(&cfg.signer, &sub, &cfg.channel);
         k += 1;
         let t0 = Instant::now();
         match open(target, source, &token, &cfg.channel, None).await {
