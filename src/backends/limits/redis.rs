@@ -23,6 +23,8 @@
 //!   The same reconciliation runs every two leases, so slot writes a failover lost are put
 //!   back. It runs apart from the lease renewal, many users at once on the multiplexed
 //!   connection, in chunks each judged by its own registry read.
+//! - Releases are batched: what gathers while one pipeline of `ZREM`s is on its way goes in the
+//!   next, so closes cost no task each and a storm of them a few round trips.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
@@ -68,7 +70,11 @@ struct Inner {
     held: Mutex<HashMap<String, BTreeSet<u64>>>,
     /// Releases that could not reach Redis yet.
     pending_release: Mutex<Vec<(String, u64)>>,
-    /// Releases on their way to Redis.
+    /// Releases waiting for the next batch (one pipeline of `ZREM`s for all of them).
+    releases: Mutex<Vec<(String, u64)>>,
+    /// Wakes the batcher of releases.
+    release_wake: Arc<tokio::sync::Notify>,
+    /// Releases queued or on their way to Redis.
     in_flight: std::sync::atomic::AtomicUsize,
     hub: Arc<Hub>,
     admit: Script,
@@ -141,6 +147,8 @@ impl RedisLimiter {
             registered: std::sync::atomic::AtomicBool::new(false),
             held: Mutex::new(HashMap::new()),
             pending_release: Mutex::new(Vec::new()),
+            releases: Mutex::new(Vec::new()),
+            release_wake: Arc::new(tokio::sync::Notify::new()),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             hub,
             admit: Script::new(include_str!("admit.lua")),
@@ -154,6 +162,10 @@ impl RedisLimiter {
         tokio::spawn(reconcile(
             Arc::downgrade(&inner),
             inner.reconcile_now.clone(),
+        ));
+        tokio::spawn(release_batches(
+            Arc::downgrade(&inner),
+            inner.release_wake.clone(),
         ));
         Self { inner }
     }
@@ -301,6 +313,24 @@ impl Inner {
                 .map_err(Failure::command("ZREM of a slot"))
         };
         deadline("releasing a slot", work).await.map(|_| ())
+    }
+
+    /// Removes many slots in one pipeline (one round trip, one reply to read).
+    async fn remove_all(&self, slots: &[(String, u64)]) -> Result<(), Failure> {
+        let work = async {
+            let mut pipe = redis::pipe();
+            for (sub, stream) in slots {
+                pipe.cmd("ZREM")
+                    .arg(self.slots_key(sub))
+                    .arg(self.member(*stream))
+                    .ignore();
+            }
+            let mut conn = self.pool.get().await?;
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(Failure::command("ZREM of released slots"))
+        };
+        deadline("releasing slots", work).await
     }
 
     fn forget(&self, sub: &str, stream: u64) {
@@ -571,6 +601,30 @@ async fn reconcile(weak: std::sync::Weak<Inner>, woken: Arc<tokio::sync::Notify>
     }
 }
 
+/// Sends releases to Redis in batches: whatever gathered while the previous batch was on its
+/// way goes as one pipeline (a storm of closes costs a few round trips, not one per stream, and
+/// no task per close). A batch that fails is kept for the reconciler to send again.
+async fn release_batches(weak: std::sync::Weak<Inner>, wake: Arc<tokio::sync::Notify>) {
+    const MOST: usize = 1024;
+    loop {
+        let batch: Vec<(String, u64)> = {
+            let Some(inner) = weak.upgrade() else { return };
+            let mut queue = lock(&inner.releases);
+            let n = queue.len().min(MOST);
+            queue.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            wake.notified().await;
+            continue;
+        }
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.remove_all(&batch).await.is_err() {
+            lock(&inner.pending_release).extend(batch.iter().cloned());
+        }
+        inner.in_flight.fetch_sub(batch.len(), Ordering::AcqRel);
+    }
+}
+
 async fn upkeep(weak: std::sync::Weak<Inner>) {
     let period = {
         let Some(inner) = weak.upgrade() else { return };
@@ -696,20 +750,10 @@ impl Limiter for RedisLimiter {
 
     fn release(&self, sub: &str, stream: u64) {
         self.inner.forget(sub, stream);
-        let inner = self.inner.clone();
-        let sub = sub.to_string();
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                inner.in_flight.fetch_add(1, Ordering::AcqRel);
-                handle.spawn(async move {
-                    if inner.remove(&sub, stream).await.is_err() {
-                        lock(&inner.pending_release).push((sub, stream));
-                    }
-                    inner.in_flight.fetch_sub(1, Ordering::AcqRel);
-                });
-            }
-            Err(_) => lock(&inner.pending_release).push((sub, stream)),
-        }
+        let inner = &self.inner;
+        inner.in_flight.fetch_add(1, Ordering::AcqRel);
+        lock(&inner.releases).push((sub.to_string(), stream));
+        inner.release_wake.notify_one();
     }
 
     fn flush(&self) -> BoxFuture<'static, ()> {
@@ -719,6 +763,9 @@ impl Limiter for RedisLimiter {
             while inner.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
+            // Whatever the batcher did not get to goes with the retries, now.
+            let left: Vec<(String, u64)> = std::mem::take(&mut *lock(&inner.releases));
+            lock(&inner.pending_release).extend(left);
             let _ = timeout(Duration::from_secs(3), inner.flush_pending_releases()).await;
         }
         .boxed()
