@@ -24,7 +24,9 @@
 //!   back. It runs apart from the lease renewal, many users at once on the multiplexed
 //!   connection, in chunks each judged by its own registry read.
 //! - Releases are batched: what gathers while one pipeline of `ZREM`s is on its way goes in the
-//!   next, so closes cost no task each and a storm of them a few round trips.
+//!   next, so closes cost no task each and a storm of them a few round trips. So are admissions
+//!   on one server (`admit_many.lua`, the same decision per stream, in order); on a Cluster each
+//!   admission goes alone, since users' keys sit on different slots.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
@@ -70,6 +72,12 @@ struct Inner {
     held: Mutex<HashMap<String, BTreeSet<u64>>>,
     /// Releases that could not reach Redis yet.
     pending_release: Mutex<Vec<(String, u64)>>,
+    /// Admissions waiting for the next batch (one script call for all of them; one server only).
+    admissions: Mutex<Vec<Admission>>,
+    /// Wakes the batcher of admissions.
+    admit_wake: Arc<tokio::sync::Notify>,
+    /// A Redis Cluster: each admission goes alone (users' keys sit on different slots).
+    sharded: bool,
     /// Releases waiting for the next batch (one pipeline of `ZREM`s for all of them).
     releases: Mutex<Vec<(String, u64)>>,
     /// Wakes the batcher of releases.
@@ -78,10 +86,19 @@ struct Inner {
     in_flight: std::sync::atomic::AtomicUsize,
     hub: Arc<Hub>,
     admit: Script,
+    admit_many: Script,
     reclaim: Script,
     registry: Script,
     read_leases: Script,
     revoke: Script,
+}
+
+/// A stream waiting for its slot.
+struct Admission {
+    sub: String,
+    stream: u64,
+    issued_at: u64,
+    tx: oneshot::Sender<Result<(), LimitError>>,
 }
 
 /// One user's reclaim: (sub, how many of its streams were sent, members to close).
@@ -132,6 +149,7 @@ impl RedisLimiter {
         admin_addr: String,
         replica: String,
     ) -> Self {
+        let sharded = pool.topology().sharded();
         let inner = Arc::new(Inner {
             pool,
             prefix: settings.prefix.clone(),
@@ -147,11 +165,15 @@ impl RedisLimiter {
             registered: std::sync::atomic::AtomicBool::new(false),
             held: Mutex::new(HashMap::new()),
             pending_release: Mutex::new(Vec::new()),
+            admissions: Mutex::new(Vec::new()),
+            admit_wake: Arc::new(tokio::sync::Notify::new()),
+            sharded,
             releases: Mutex::new(Vec::new()),
             release_wake: Arc::new(tokio::sync::Notify::new()),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             hub,
             admit: Script::new(include_str!("admit.lua")),
+            admit_many: Script::new(include_str!("admit_many.lua")),
             reclaim: Script::new(include_str!("reclaim.lua")),
             registry: Script::new(include_str!("registry.lua")),
             read_leases: Script::new(include_str!("leases.lua")),
@@ -162,6 +184,10 @@ impl RedisLimiter {
         tokio::spawn(reconcile(
             Arc::downgrade(&inner),
             inner.reconcile_now.clone(),
+        ));
+        tokio::spawn(admission_batches(
+            Arc::downgrade(&inner),
+            inner.admit_wake.clone(),
         ));
         tokio::spawn(release_batches(
             Arc::downgrade(&inner),
@@ -286,9 +312,17 @@ impl Inner {
             ))
         };
         match deadline("the slot admission", work).await {
-            Ok(0) => Err(LimitError::UserLimit { limit: self.limit }),
-            Ok(-3) => Err(LimitError::Revoked),
-            Ok(-2) => {
+            Ok(code) => self.decision(code),
+            Err(e) => Err(LimitError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// What an admission script's code means (`admit.lua`, `admit_many.lua`).
+    fn decision(&self, code: i64) -> Result<(), LimitError> {
+        match code {
+            0 => Err(LimitError::UserLimit { limit: self.limit }),
+            -3 => Err(LimitError::Revoked),
+            -2 => {
                 // Our lease ran out by Redis's clock (a pause, a partition): stop admitting
                 // until the upkeep has renewed it and re-asserted our slots.
                 *lock(&self.valid_until) = None;
@@ -297,8 +331,59 @@ impl Inner {
                         .into(),
                 ))
             }
-            Ok(_) => Ok(()),
-            Err(e) => Err(LimitError::Unavailable(e.to_string())),
+            n if n > 0 => Ok(()),
+            _ => Err(LimitError::Unavailable(
+                "the replica registry kept changing during the admission".into(),
+            )),
+        }
+    }
+
+    /// Admits a batch in one script call with the cached registry copy: one code per
+    /// admission (`-1`: judge that one again alone, with a fresh read).
+    async fn admit_batch(&self, batch: &[Admission]) -> Result<Vec<i64>, Failure> {
+        let leases = self.cached_leases();
+        let mut invocation = self.admit_many.prepare_invoke();
+        for a in batch {
+            invocation
+                .key(self.slots_key(&a.sub))
+                .key(revoked_key(&self.prefix, &a.sub));
+        }
+        invocation
+            .arg(self.limit)
+            .arg("0")
+            .arg(leases.read_at)
+            .arg(self.fresh_for_ms())
+            .arg(batch.len());
+        for a in batch {
+            invocation.arg(self.member(a.stream)).arg(a.issued_at);
+        }
+        for (id, expiry) in &leases.expiries {
+            invocation.arg(id).arg(*expiry);
+        }
+        let work = async {
+            let mut conn = self.pool.get().await?;
+            invocation
+                .invoke_async::<Vec<i64>>(&mut conn)
+                .await
+                .map_err(Failure::command("the batch slot admission"))
+        };
+        deadline("the slot admission", work).await
+    }
+
+    /// Hands an admission's outcome to its stream: a granted slot is recorded as held, and one
+    /// whose stream went away meanwhile is released at once (never leaked).
+    fn deliver(&self, a: Admission, result: Result<(), LimitError>) {
+        if result.is_ok() {
+            lock(&self.held)
+                .entry(a.sub.clone())
+                .or_default()
+                .insert(a.stream);
+        }
+        if let Err(Ok(())) = a.tx.send(result) {
+            self.forget(&a.sub, a.stream);
+            self.in_flight.fetch_add(1, Ordering::AcqRel);
+            lock(&self.releases).push((a.sub, a.stream));
+            self.release_wake.notify_one();
         }
     }
 
@@ -601,6 +686,63 @@ async fn reconcile(weak: std::sync::Weak<Inner>, woken: Arc<tokio::sync::Notify>
     }
 }
 
+/// Admits streams in batches on one server: whatever gathered while the previous batch was on
+/// its way goes as one script call (`admit_many.lua`: the same decision per stream as
+/// `admit.lua`, in order), so a storm of connects costs Redis a few calls per millisecond and
+/// a connect spawns no task of its own. An admission the cached registry cannot judge (`-1`) is
+/// decided again alone with a fresh read, as before.
+async fn admission_batches(weak: std::sync::Weak<Inner>, wake: Arc<tokio::sync::Notify>) {
+    const MOST: usize = 256;
+    loop {
+        let batch: Vec<Admission> = {
+            let Some(inner) = weak.upgrade() else { return };
+            let mut queue = lock(&inner.admissions);
+            let n = queue.len().min(MOST);
+            queue.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            wake.notified().await;
+            continue;
+        }
+        let Some(inner) = weak.upgrade() else { return };
+        if !inner.lease_valid() {
+            for a in batch {
+                let _ = a.tx.send(Err(LimitError::Unavailable(
+                    "this replica's lease in Redis is not current, so per-user limits cannot be checked"
+                        .into(),
+                )));
+            }
+            continue;
+        }
+        match inner.admit_batch(&batch).await {
+            Ok(codes) if codes.len() == batch.len() => {
+                for (a, code) in batch.into_iter().zip(codes) {
+                    if code == -1 {
+                        let inner = inner.clone();
+                        tokio::spawn(async move {
+                            let result = inner.admit(&a.sub, a.stream, a.issued_at).await;
+                            inner.deliver(a, result);
+                        });
+                    } else {
+                        let result = inner.decision(code);
+                        inner.deliver(a, result);
+                    }
+                }
+            }
+            outcome => {
+                let why = match outcome {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "the batch admission answered a code per stream it was not given"
+                        .to_string(),
+                };
+                for a in batch {
+                    let _ = a.tx.send(Err(LimitError::Unavailable(why.clone())));
+                }
+            }
+        }
+    }
+}
+
 /// Sends releases to Redis in batches: whatever gathered while the previous batch was on its
 /// way goes as one pipeline (a storm of closes costs a few round trips, not one per stream, and
 /// no task per close). A batch that fails is kept for the reconciler to send again.
@@ -676,25 +818,27 @@ impl Limiter for RedisLimiter {
         issued_at: u64,
     ) -> BoxFuture<'static, Result<(), LimitError>> {
         let inner = self.inner.clone();
-        let sub = sub.to_string();
-        // The admission runs in its own task: if the client goes away mid-admission, a slot
-        // that Redis granted is still recorded and then released, never leaked.
+        // The admission is decided away from the request (in the batcher, or in its own task on
+        // a Cluster): if the client goes away mid-admission, a slot that Redis granted is still
+        // recorded and then released, never leaked.
         let (tx, rx) = oneshot::channel();
-        tokio::spawn(async move {
-            let result = inner.admit(&sub, stream, issued_at).await;
-            if result.is_ok() {
-                lock(&inner.held)
-                    .entry(sub.clone())
-                    .or_default()
-                    .insert(stream);
-            }
-            if let Err(Ok(())) = tx.send(result) {
-                inner.forget(&sub, stream);
-                if inner.remove(&sub, stream).await.is_err() {
-                    lock(&inner.pending_release).push((sub, stream));
-                }
-            }
-        });
+        let admission = Admission {
+            sub: sub.to_string(),
+            stream,
+            issued_at,
+            tx,
+        };
+        if inner.sharded {
+            tokio::spawn(async move {
+                let result = inner
+                    .admit(&admission.sub, admission.stream, admission.issued_at)
+                    .await;
+                inner.deliver(admission, result);
+            });
+        } else {
+            lock(&inner.admissions).push(admission);
+            inner.admit_wake.notify_one();
+        }
         async move {
             rx.await
                 .unwrap_or_else(|_| Err(LimitError::Unavailable("the limiter stopped".into())))
