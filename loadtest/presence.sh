@@ -17,27 +17,19 @@ root=$(cd "$here/.." && pwd)
 rounds=${ROUNDS:-3}
 secs=${SECS:-10}
 concurrency=${CONCURRENCY:-32}
-dir=$(mktemp -d)
 redis_port=${REDIS_PORT:-6395}
 port=${PORT:-18181}
 export SSE_GATEWAY_JWT_SECRET=presence-bench-secret-0123456789
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
+name=presence
+# shellcheck source=loadtest/peers/lib.sh
+. "$here/peers/lib.sh"
 
 command -v redis-server >/dev/null || apt-get install -y -q redis-server >/dev/null
 (cd "$root" && cargo build --release --workspace -q)
 bin=$root/target/release/sse-gateway
 tool=$root/target/release/sse-loadtest
 
-redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
-  --logfile "$dir/redis.log" &
-pids+=($!)
-for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+start_redis "$redis_port"
 
 SSE_GATEWAY_REDIS_URL="redis://127.0.0.1:$redis_port" \
 SSE_GATEWAY_LISTEN="127.0.0.1:$port" SSE_GATEWAY_ADMIN_LISTEN="127.0.0.1:$((port + 1000))" \
@@ -45,10 +37,7 @@ SSE_GATEWAY_PRESENCE_CHANNELS='room:*' SSE_GATEWAY_PRESENCE_LEAVE_GRACE_SECS=5 \
 SSE_GATEWAY_LOG=warn "$bin" >"$dir/gateway.log" 2>&1 &
 pids+=($!)
 gw_pid=$!
-for _ in $(seq 1 100); do
-  curl -fsS -o /dev/null "http://127.0.0.1:$((port + 1000))/readyz" 2>/dev/null && break
-  sleep 0.1
-done
+wait_for "http://127.0.0.1:$((port + 1000))/readyz" -f
 
 ticks=$(getconf CLK_TCK)
 cpu_of() { # pid -> CPU seconds used so far (user + system)

@@ -18,25 +18,17 @@ grace=${GRACE:-5}
 channel=${CHANNEL:-room:storm}
 redis_port=${REDIS_PORT:-6396}
 port=${PORT:-18281}
-dir=$(mktemp -d)
 export SSE_GATEWAY_JWT_SECRET=presence-storm-secret-0123456789
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
+name=presence-storm
+# shellcheck source=loadtest/peers/lib.sh
+. "$here/peers/lib.sh"
 
 command -v redis-server >/dev/null || apt-get install -y -q redis-server >/dev/null
 (cd "$root" && cargo build --release --workspace -q)
 bin=$root/target/release/sse-gateway
 tool=$root/target/release/sse-loadtest
 
-redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --maxclients 20000 \
-  --logfile "$dir/redis.log" &
-pids+=($!)
-for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+start_redis "$redis_port"
 
 replica_pids=()
 for i in 1 2 3; do
@@ -50,10 +42,7 @@ for i in 1 2 3; do
   replica_pids+=($!)
 done
 for i in 1 2 3; do
-  for _ in $(seq 1 100); do
-    curl -fsS -o /dev/null "http://127.0.0.1:$((port + 1000 + i))/readyz" 2>/dev/null && break
-    sleep 0.1
-  done
+  wait_for "http://127.0.0.1:$((port + 1000 + i))/readyz" -f
 done
 
 events_of() { # admin port, kind

@@ -13,16 +13,11 @@ root=$(cd "$here/.." && pwd)
 rounds=${ROUNDS:-3}
 secs=${SECS:-10}
 concurrency=${CONCURRENCY:-32}
-dir=$(mktemp -d)
 port=${PORT:-18381}
 secret=signing-bench-secret-0123456789ab
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
+name=signing
+# shellcheck source=loadtest/peers/lib.sh
+. "$here/peers/lib.sh"
 
 command -v redis-server >/dev/null || apt-get install -y -q redis-server >/dev/null
 (cd "$root" && cargo build --release --workspace -q)
@@ -32,18 +27,12 @@ tool=$root/target/release/sse-loadtest
 start() { # n, key setting
   local n=$1
   shift
-  redis-server --port $((port + 100 + n)) --bind 127.0.0.1 --save '' --appendonly no \
-    --logfile "$dir/redis$n.log" &
-  pids+=($!)
-  for _ in $(seq 1 100); do redis-cli -p $((port + 100 + n)) ping >/dev/null 2>&1 && break; sleep 0.1; done
+  start_redis $((port + 100 + n))
   env "$@" SSE_GATEWAY_REDIS_URL="redis://127.0.0.1:$((port + 100 + n))" \
     SSE_GATEWAY_LISTEN="127.0.0.1:$((port + n))" SSE_GATEWAY_ADMIN_LISTEN="127.0.0.1:$((port + 1000 + n))" \
     SSE_GATEWAY_LOG=warn "$bin" >"$dir/gateway$n.log" 2>&1 &
   pids+=($!)
-  for _ in $(seq 1 100); do
-    curl -fsS -o /dev/null "http://127.0.0.1:$((port + 1000 + n))/readyz" 2>/dev/null && break
-    sleep 0.1
-  done
+  wait_for "http://127.0.0.1:$((port + 1000 + n))/readyz" -f
 }
 start 1 SSE_GATEWAY_JWT_SECRET="$secret"
 start 2 SSE_GATEWAY_JWT_PUBLIC_KEY_FILE="$root/tests/fixtures/rsa_public.pem"

@@ -371,8 +371,7 @@ pub struct Config {
 impl Config {
     /// Whether `channel`'s members are tracked.
     pub fn is_presence_channel(&self, channel: &str) -> bool {
-        !self.presence_channels.is_empty()
-            && crate::core::channel::granted(&self.presence_channels, channel)
+        crate::core::channel::granted(&self.presence_channels, channel)
     }
 }
 

@@ -115,9 +115,14 @@ impl Signer {
     }
 
     fn token(&self, sub: &str, channel: &str) -> String {
+        self.token_until(sub, channel, now() + 600)
+    }
+
+    /// A token of this key expiring at `exp` (unix seconds).
+    fn token_until(&self, sub: &str, channel: &str, exp: u64) -> String {
         let mut header = Header::new(self.alg);
         header.kid = Some(self.kid.clone());
-        let claims = json!({"sub": sub, "exp": now() + 600, "channels": [channel]});
+        let claims = json!({"sub": sub, "exp": exp, "channels": [channel]});
         encode(&header, &claims, &self.key).unwrap()
     }
 }
@@ -284,12 +289,7 @@ async fn a_remembered_token_is_refused_after_its_expiry_and_after_its_key_is_wit
                 .unwrap_or_else(|r| r.status)
         }
     };
-    let short = {
-        let mut header = Header::new(old.alg);
-        header.kid = Some(old.kid.clone());
-        let claims = json!({"sub": "sam", "exp": now() + 2, "channels": ["c"]});
-        encode(&header, &claims, &old.key).unwrap()
-    };
+    let short = old.token_until("sam", "c", now() + 2);
     assert_eq!(open(short.clone()).await, 200);
     assert_eq!(open(short.clone()).await, 200, "the same token again");
     tokio::time::sleep(Duration::from_millis(3200)).await;

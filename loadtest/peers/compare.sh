@@ -30,14 +30,6 @@ name=compare
 # shellcheck source=loadtest/peers/lib.sh
 . "$here/lib.sh"
 
-wait_for() { # url
-  for _ in $(seq 1 200); do
-    if curl -sS -o /dev/null --max-time 1 "$1" 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "compare.sh: $1 did not come up; logs are in $dir" >&2
-  exit 1
-}
 
 need_apt=()
 [ -e /usr/lib/nginx/modules/ngx_nchan_module.so ] || need_apt+=(nginx-light libnginx-mod-nchan)
@@ -54,11 +46,6 @@ fi
 (cd "$root" && cargo build --release --workspace -q)
 tool=$root/target/release/sse-loadtest
 
-start_redis() { # port
-  redis-server --port "$1" --bind 127.0.0.1 --save '' --appendonly no --maxclients 20000 \
-    --logfile "$dir/redis-$1.log" &
-  pids+=($!)
-}
 
 # Each system gets its own Redis, so one's leftovers cannot load another.
 declare -A port redis pidlist

@@ -198,8 +198,8 @@ enum Scenario {
 }
 
 impl Scenario {
-    /// The thresholds the run is judged by.
-    fn gate(&self) -> Option<Gate> {
+    /// The settings every run against a system takes (none for the report tools).
+    fn common(&self) -> Option<&Common> {
         match self {
             Scenario::Idle { common, .. }
             | Scenario::Broadcast { common, .. }
@@ -210,27 +210,32 @@ impl Scenario {
             | Scenario::IdleH2 { common, .. }
             | Scenario::Connect { common }
             | Scenario::Publish { common, .. }
-            | Scenario::Resume { common, .. } => Some(common.gate.clone()),
+            | Scenario::Resume { common, .. } => Some(common),
             _ => None,
         }
     }
 
-    /// Where the report goes (`--json`, `--html`), for the scenarios that write one.
+    /// The thresholds the run is judged by (the scenarios that write a report; the one-off
+    /// ones are judged by their own checks).
+    fn gate(&self) -> Option<Gate> {
+        self.common().map(|c| c.gate.clone())
+    }
+
+    /// Where the report goes (`--json`, `--html`), for the scenarios that write one (the one-off
+    /// scenarios print their figures only).
     fn outputs(&self) -> (Option<String>, Option<String>) {
         match self {
-            Scenario::Idle { common, .. }
-            | Scenario::Broadcast { common, .. }
-            | Scenario::Private { common, .. }
-            | Scenario::Churn { common, .. }
-            | Scenario::Audit { common, .. }
-            | Scenario::Storm { common, .. } => (common.json.clone(), common.html.clone()),
-            _ => (None, None),
+            Scenario::IdleH2 { .. }
+            | Scenario::Connect { .. }
+            | Scenario::Publish { .. }
+            | Scenario::Resume { .. } => (None, None),
+            _ => self
+                .common()
+                .map_or((None, None), |c| (c.json.clone(), c.html.clone())),
         }
     }
 }
 
-/// Pass/fail thresholds, checked on the run's report (k6-style): a breach exits with code 3 and
-/// names the threshold; a run that could not be made exits with 2.
 #[derive(Args, Clone, Debug)]
 pub(crate) struct Gate {
     /// Fail when the delivery latency p99 (for churn and idle: the connect p99) is above this.

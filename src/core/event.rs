@@ -176,26 +176,19 @@ pub fn presence_payload(kind: Presence, sub: &str) -> Vec<u8> {
 /// `data: {"sub": …}`. `None` for every other payload, including a marker with anything but
 /// `join`/`leave` after it. Only payloads from history (or from signed durable messages) may be
 /// read this way: a raw pub/sub message is never a presence event.
-pub fn parse_presence(payload: &[u8]) -> Option<(Presence, Event<'static>)> {
+pub fn parse_presence(payload: &[u8]) -> Option<Event<'static>> {
     let rest = payload.strip_prefix(PRESENCE_MARKER)?;
-    let (kind, sub) = if let Some(sub) = rest.strip_prefix(b"join\0") {
-        (Presence::Join, sub)
+    let (name, sub) = if let Some(sub) = rest.strip_prefix(b"join\0") {
+        ("gateway.join", sub)
     } else {
-        (Presence::Leave, rest.strip_prefix(b"leave\0")?)
+        ("gateway.leave", rest.strip_prefix(b"leave\0")?)
     };
     let sub = std::str::from_utf8(sub).ok()?;
-    let name = match kind {
-        Presence::Join => "gateway.join",
-        Presence::Leave => "gateway.leave",
-    };
-    Some((
-        kind,
-        Event {
-            id: None,
-            event: Some(Cow::Borrowed(name)),
-            data: Cow::Owned(serde_json::json!({ "sub": sub }).to_string().into_bytes()),
-        },
-    ))
+    Some(Event {
+        id: None,
+        event: Some(Cow::Borrowed(name)),
+        data: Cow::Owned(serde_json::json!({ "sub": sub }).to_string().into_bytes()),
+    })
 }
 
 /// A stored durable payload as an event, and whether it is a presence transition (which only
@@ -203,7 +196,7 @@ pub fn parse_presence(payload: &[u8]) -> Option<(Presence, Event<'static>)> {
 /// delivery and replay.
 pub fn parse_stored(payload: &[u8], max_bytes: usize) -> Result<(Event<'_>, bool), Rejected> {
     match parse_presence(payload) {
-        Some((_, event)) => Ok((event, true)),
+        Some(event) => Ok((event, true)),
         None => parse_payload(payload, max_bytes).map(|e| (e, false)),
     }
 }

@@ -25,8 +25,8 @@
 //!   connection, in chunks each judged by its own registry read.
 //! - Releases are batched: what gathers while one pipeline of `ZREM`s is on its way goes in the
 //!   next, so closes cost no task each and a storm of them a few round trips. So are admissions
-//!   on one server (`admit_many.lua`, the same decision per stream, in order); on a Cluster each
-//!   admission goes alone, since users' keys sit on different slots.
+//!   on one server (one `admit.lua` call decides a batch, stream by stream, in order); on a
+//!   Cluster each admission goes alone, since users' keys sit on different slots.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
@@ -86,7 +86,6 @@ struct Inner {
     in_flight: std::sync::atomic::AtomicUsize,
     hub: Arc<Hub>,
     admit: Script,
-    admit_many: Script,
     reclaim: Script,
     registry: Script,
     read_leases: Script,
@@ -173,7 +172,6 @@ impl RedisLimiter {
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             hub,
             admit: Script::new(include_str!("admit.lua")),
-            admit_many: Script::new(include_str!("admit_many.lua")),
             reclaim: Script::new(include_str!("reclaim.lua")),
             registry: Script::new(include_str!("registry.lua")),
             read_leases: Script::new(include_str!("leases.lua")),
@@ -282,25 +280,15 @@ impl Inner {
             let mut leases = self.cached_leases();
             let mut fresh = false;
             for _ in 0..3 {
-                let mut invocation = self.admit.key(self.slots_key(sub));
-                invocation
-                    .key(revoked_key(&self.prefix, sub))
-                    .arg(self.limit)
-                    .arg(self.member(stream))
-                    .arg(if fresh { "1" } else { "0" })
-                    .arg(leases.read_at)
-                    .arg(self.fresh_for_ms())
-                    .arg(issued_at);
-                for (id, expiry) in &leases.expiries {
-                    invocation.arg(id).arg(*expiry);
-                }
-                let mut conn = self.pool.get().await?;
-                let n = invocation
-                    .invoke_async::<i64>(&mut conn)
-                    .await
-                    .map_err(Failure::command("the slot admission"))?;
-                if n != -1 {
-                    return Ok::<i64, Failure>(n);
+                let codes = self
+                    .run_admissions(&[(sub, stream, issued_at)], &leases, fresh)
+                    .await?;
+                match codes.first() {
+                    Some(-1) => {}
+                    Some(n) => return Ok::<i64, Failure>(*n),
+                    None => {
+                        return Err(Failure::Reply("the slot admission answered no code".into()))
+                    }
                 }
                 // A member's replica looks dead or unknown in a copy that may be old: judge it
                 // by a fresh read, never by the cache (it may have renewed since).
@@ -317,7 +305,7 @@ impl Inner {
         }
     }
 
-    /// What an admission script's code means (`admit.lua`, `admit_many.lua`).
+    /// What an admission code of `admit.lua` means.
     fn decision(&self, code: i64) -> Result<(), LimitError> {
         match code {
             0 => Err(LimitError::UserLimit { limit: self.limit }),
@@ -338,36 +326,52 @@ impl Inner {
         }
     }
 
-    /// Admits a batch in one script call with the cached registry copy: one code per
-    /// admission (`-1`: judge that one again alone, with a fresh read).
-    async fn admit_batch(&self, batch: &[Admission]) -> Result<Vec<i64>, Failure> {
-        let leases = self.cached_leases();
-        let mut invocation = self.admit_many.prepare_invoke();
-        for a in batch {
+    /// One call of `admit.lua` for these admissions (sub, stream, token iat), judged by
+    /// `leases` (`fresh`: read just now): one code per admission, in order.
+    async fn run_admissions(
+        &self,
+        admissions: &[(&str, u64, u64)],
+        leases: &Leases,
+        fresh: bool,
+    ) -> Result<Vec<i64>, Failure> {
+        let mut invocation = self.admit.prepare_invoke();
+        for (sub, _, _) in admissions {
             invocation
-                .key(self.slots_key(&a.sub))
-                .key(revoked_key(&self.prefix, &a.sub));
+                .key(self.slots_key(sub))
+                .key(revoked_key(&self.prefix, sub));
         }
         invocation
             .arg(self.limit)
-            .arg("0")
+            .arg(if fresh { "1" } else { "0" })
             .arg(leases.read_at)
             .arg(self.fresh_for_ms())
-            .arg(batch.len());
-        for a in batch {
-            invocation.arg(self.member(a.stream)).arg(a.issued_at);
+            .arg(admissions.len());
+        for (_, stream, issued_at) in admissions {
+            invocation.arg(self.member(*stream)).arg(*issued_at);
         }
         for (id, expiry) in &leases.expiries {
             invocation.arg(id).arg(*expiry);
         }
-        let work = async {
-            let mut conn = self.pool.get().await?;
-            invocation
-                .invoke_async::<Vec<i64>>(&mut conn)
-                .await
-                .map_err(Failure::command("the batch slot admission"))
-        };
-        deadline("the slot admission", work).await
+        let mut conn = self.pool.get().await?;
+        invocation
+            .invoke_async::<Vec<i64>>(&mut conn)
+            .await
+            .map_err(Failure::command("the slot admission"))
+    }
+
+    /// Admits a batch in one script call with the cached registry copy: one code per
+    /// admission (`-1`: judge that one again alone, with a fresh read).
+    async fn admit_batch(&self, batch: &[Admission]) -> Result<Vec<i64>, Failure> {
+        let leases = self.cached_leases();
+        let admissions: Vec<(&str, u64, u64)> = batch
+            .iter()
+            .map(|a| (a.sub.as_str(), a.stream, a.issued_at))
+            .collect();
+        deadline(
+            "the slot admission",
+            self.run_admissions(&admissions, &leases, false),
+        )
+        .await
     }
 
     /// Hands an admission's outcome to its stream: a granted slot is recorded as held, and one
@@ -686,25 +690,27 @@ async fn reconcile(weak: std::sync::Weak<Inner>, woken: Arc<tokio::sync::Notify>
     }
 }
 
+/// Up to `most` of what waits in `queue`, oldest first.
+fn next_batch<T>(queue: &Mutex<Vec<T>>, most: usize) -> Vec<T> {
+    let mut queue = lock(queue);
+    let n = queue.len().min(most);
+    queue.drain(..n).collect()
+}
+
 /// Admits streams in batches on one server: whatever gathered while the previous batch was on
-/// its way goes as one script call (`admit_many.lua`: the same decision per stream as
-/// `admit.lua`, in order), so a storm of connects costs Redis a few calls per millisecond and
+/// its way goes as one `admit.lua` call (each stream decided in order), so a storm of connects costs Redis a few calls per millisecond and
 /// a connect spawns no task of its own. An admission the cached registry cannot judge (`-1`) is
 /// decided again alone with a fresh read, as before.
 async fn admission_batches(weak: std::sync::Weak<Inner>, wake: Arc<tokio::sync::Notify>) {
     const MOST: usize = 256;
     loop {
-        let batch: Vec<Admission> = {
-            let Some(inner) = weak.upgrade() else { return };
-            let mut queue = lock(&inner.admissions);
-            let n = queue.len().min(MOST);
-            queue.drain(..n).collect()
-        };
+        let Some(inner) = weak.upgrade() else { return };
+        let batch = next_batch(&inner.admissions, MOST);
         if batch.is_empty() {
+            drop(inner);
             wake.notified().await;
             continue;
         }
-        let Some(inner) = weak.upgrade() else { return };
         if !inner.lease_valid() {
             for a in batch {
                 let _ = a.tx.send(Err(LimitError::Unavailable(
@@ -749,17 +755,13 @@ async fn admission_batches(weak: std::sync::Weak<Inner>, wake: Arc<tokio::sync::
 async fn release_batches(weak: std::sync::Weak<Inner>, wake: Arc<tokio::sync::Notify>) {
     const MOST: usize = 1024;
     loop {
-        let batch: Vec<(String, u64)> = {
-            let Some(inner) = weak.upgrade() else { return };
-            let mut queue = lock(&inner.releases);
-            let n = queue.len().min(MOST);
-            queue.drain(..n).collect()
-        };
+        let Some(inner) = weak.upgrade() else { return };
+        let batch = next_batch(&inner.releases, MOST);
         if batch.is_empty() {
+            drop(inner);
             wake.notified().await;
             continue;
         }
-        let Some(inner) = weak.upgrade() else { return };
         if inner.remove_all(&batch).await.is_err() {
             lock(&inner.pending_release).extend(batch.iter().cloned());
         }

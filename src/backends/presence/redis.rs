@@ -29,7 +29,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use redis::Value;
 use tokio::time::Instant;
 
-use super::{listing, Presence, PresenceError, PresenceSettings, Snapshot, MAX_MEMBERS};
+use super::{Presence, PresenceError, PresenceSettings, Snapshot, MAX_MEMBERS};
 use crate::backends::history::redis::Library;
 use crate::backends::limits::redis::RedisLimiter;
 use crate::backends::redis::{
@@ -211,11 +211,17 @@ impl Inner {
         if s.leaves > 0 {
             metrics::counter!(m::PRESENCE_EVENTS, "kind" => "leave").increment(s.leaves as u64);
         }
-        if s.next_due < 0 {
-            return;
+        if s.next_due >= 0 {
+            // A little after Redis's due time, so the settle finds it due.
+            self.settle_in(
+                channel,
+                Duration::from_millis((s.next_due - s.now).max(0) as u64 + 20),
+            );
         }
-        // A little after Redis's due time, so the settle finds it due.
-        let wait = Duration::from_millis((s.next_due - s.now).max(0) as u64 + 20);
+    }
+
+    /// Arms the settle timer of `channel` to fire after `wait`, unless one fires sooner.
+    fn settle_in(self: &Arc<Self>, channel: &str, wait: Duration) {
         let at = Instant::now() + wait;
         {
             let mut timers = lock(&self.timers);
@@ -252,14 +258,7 @@ impl Inner {
                 metrics::counter!(m::PRESENCE_ERRORS, "op" => "settle").increment(1);
                 tracing::warn!("announcing due presence leaves failed: {e}; retrying in a second");
                 // Try again soon: a leave is late at worst, never lost.
-                self.after_settle(
-                    channel,
-                    &Settled {
-                        leaves: 0,
-                        next_due: 1000,
-                        now: 0,
-                    },
-                );
+                self.settle_in(channel, Duration::from_secs(1));
             }
         }
     }
@@ -566,12 +565,12 @@ impl Presence for RedisPresence {
                     }
                 }
             }
-            let (members, cut) = listing(members);
+            // Already ordered by sub and cut at MAX_MEMBERS by the snapshot operation.
             Ok(Snapshot {
                 users: users.max(0) as usize,
                 connections: connections.max(0) as usize,
                 members,
-                truncated: truncated || cut,
+                truncated,
                 mark: if epoch.is_empty() {
                     Mark::empty()
                 } else {
